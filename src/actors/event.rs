@@ -1,0 +1,828 @@
+//! # EventActor: the single writer of one event
+//!
+//! Owns the event's live state — remaining stock, held and sold counts, each user's active
+//! quantity, the reservations that still count (with hold expiry), and idempotency results —
+//! and applies every change in mailbox order, so there are no locks and no races.
+//!
+//! Talks to: HTTP handlers (through the [`Registry`](super::Registry)), which send it
+//! [`Reserve`], [`Confirm`], [`Cancel`], [`Snapshot`] and [`UpdateEvent`]; and the
+//! [`Persister`], which commits what it decides and answers with [`Committed`].
+//!
+//! Rules that keep the counts exact whatever fails:
+//! - Units are *taken* at once (tentatively, before the commit), so concurrent requests never
+//!   see stock that is already promised; they are *given back* (cancel, expiry) only after the
+//!   release commits, so a failed release can never have been handed to someone else.
+//! - The client's answer is sent after the commit (acknowledged = durable).
+//! - If a commit fails, or a handler panics, the actor re-reads its state from the database
+//!   after a persister barrier (every earlier write has ended), so no tentative change survives
+//!   and a commit whose outcome is unknown is settled by what the database holds.
+//! - Refusals (sold out, closed, limit reached) are answered from memory, no database access.
+
+use std::collections::{BTreeSet, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::{DateTime, TimeDelta, Utc};
+use sea_orm::DatabaseConnection;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::persister::{Committed, Persister, Submit, WriteAndWait};
+use crate::domain::{
+    Event, EventId, EventKind, EventPatch, EventStatus, IdempotencyKey, Invalid, Inventory,
+    Quantity, Reservation, ReservationId, ReservationStatus, UserId,
+};
+use crate::store::{self, EventState, WriteOp};
+
+/// How often held tickets are checked for expiry; units come back within this plus one commit.
+const EXPIRY_TICK: Duration = Duration::from_millis(20);
+/// Wait before re-reading state after the database could not be read.
+const RELOAD_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Why an event actor refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("nothing is left")]
+    SoldOut,
+    #[error("only {remaining} units remain")]
+    InsufficientStock { remaining: u64 },
+    #[error("the per-user limit of {limit} is reached")]
+    LimitReached { limit: u32 },
+    #[error("the event opens at {0}")]
+    NotOpen(DateTime<Utc>),
+    #[error("the event is closed")]
+    Closed,
+    #[error("at most {max} units may be reserved in one request")]
+    QuantityOverMax { max: u32 },
+    #[error("the hold has expired")]
+    HoldExpired,
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("the first request with this Idempotency-Key is still in progress")]
+    KeyInFlight,
+    #[error("this Idempotency-Key was first used with quantity {first_quantity}")]
+    KeyReused { first_quantity: u32 },
+    #[error("{0}")]
+    InvalidPatch(Invalid),
+    /// The reservation no longer counts against stock (cancelled, revoked or expired); the
+    /// caller reads its final state from the database.
+    #[error("the reservation has ended")]
+    Ended,
+    #[error("no such reservation")]
+    UnknownReservation,
+    #[error("the event no longer exists")]
+    EventGone,
+    #[error("the event's state cannot be committed or read right now")]
+    Unavailable,
+}
+
+/// An actor's answer about a reservation: at once (refusals, no-op changes), a replay of the
+/// first answer to an Idempotency-Key, or after the commit.
+#[derive(MessageResponse)]
+pub enum Answer {
+    Now(Result<Reservation, Refusal>),
+    Replayed(Reservation),
+    AfterCommit(oneshot::Receiver<Result<Reservation, Refusal>>),
+}
+
+impl Answer {
+    pub async fn outcome(self) -> Result<Reserved, Refusal> {
+        let fresh = |reservation| Reserved {
+            reservation,
+            replayed: false,
+        };
+        match self {
+            Answer::Now(result) => result.map(fresh),
+            Answer::Replayed(reservation) => Ok(Reserved {
+                reservation,
+                replayed: true,
+            }),
+            // A dropped sender means the actor restarted mid-request: not acknowledged.
+            Answer::AfterCommit(rx) => rx.await.unwrap_or(Err(Refusal::Unavailable)).map(fresh),
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Refusal>>;
+
+/// A reservation as answered, possibly the replay of the first answer to the same Idempotency-Key.
+#[derive(Debug, Clone)]
+pub struct Reserved {
+    pub reservation: Reservation,
+    pub replayed: bool,
+}
+
+/// The event with its live counts.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventSnapshot {
+    #[serde(flatten)]
+    pub event: Event,
+    pub remaining: u64,
+    pub held: u64,
+    pub sold: u64,
+    pub status: EventStatus,
+}
+
+/// Reserve `quantity` units for `user`.
+#[derive(Message)]
+#[rtype(result = "Answer")]
+pub struct Reserve {
+    pub user: UserId,
+    pub quantity: Quantity,
+    pub key: Option<IdempotencyKey>,
+}
+
+/// Confirm a held ticket before it expires.
+#[derive(Message)]
+#[rtype(result = "Answer")]
+pub struct Confirm {
+    pub id: ReservationId,
+    pub user: UserId,
+}
+
+/// Cancel a reservation; its units return to stock once the cancel commits.
+#[derive(Message)]
+#[rtype(result = "Answer")]
+pub struct Cancel {
+    pub id: ReservationId,
+    pub user: UserId,
+}
+
+/// Read the event and its live counts.
+#[derive(Message)]
+#[rtype(result = "Result<EventSnapshot, Refusal>")]
+pub struct Snapshot;
+
+/// Change stock, window or closed flag; answered after the change commits.
+#[derive(Message)]
+#[rtype(result = "Result<EventSnapshot, Refusal>")]
+pub struct UpdateEvent(pub EventPatch);
+
+/// Counts actor starts, so restarts are visible in stats and tests.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    pub starts: AtomicU64,
+    pub restarts: AtomicU64,
+}
+
+/// A reservation that still counts against stock.
+struct Live {
+    reservation: Reservation,
+    /// Its insert has committed.
+    committed: bool,
+    /// A change to this status is waiting for its commit.
+    changing: Option<ReservationStatus>,
+}
+
+enum KeyState {
+    InFlight,
+    /// The first answer, replayed to every retry.
+    Done(Reservation),
+}
+
+/// The event's state, rebuilt from the database on every (re)start.
+struct Ledger {
+    event: Event,
+    held: u64,
+    sold: u64,
+    per_user: HashMap<UserId, u32>,
+    live: HashMap<ReservationId, Live>,
+    /// Committed holds by expiry time.
+    holds: BTreeSet<(DateTime<Utc>, ReservationId)>,
+    keys: HashMap<(UserId, IdempotencyKey), KeyState>,
+}
+
+enum Phase {
+    Loading,
+    Ready(Box<Ledger>),
+    /// The event was not found in the database.
+    Gone,
+    /// The database could not be read; a reload is scheduled.
+    Unavailable,
+}
+
+/// A write waiting for its commit, and who to tell.
+struct Pending {
+    /// The reload generation it was made in; older ones are already reflected in a reload.
+    epoch: u64,
+    /// The reservation as it will be once committed.
+    reservation: Reservation,
+    reply: Option<Reply<Reservation>>,
+    kind: PendingKind,
+}
+
+enum PendingKind {
+    Created { key: Option<IdempotencyKey> },
+    Changed,
+}
+
+pub struct EventActor {
+    id: EventId,
+    db: DatabaseConnection,
+    persister: Addr<Persister>,
+    lifecycle: Arc<Lifecycle>,
+    mailbox_capacity: usize,
+    phase: Phase,
+    epoch: u64,
+    next_seq: u64,
+    pending: HashMap<u64, Pending>,
+    expiry_timer: Option<SpawnHandle>,
+}
+
+impl EventActor {
+    pub fn new(
+        id: EventId,
+        db: DatabaseConnection,
+        persister: Addr<Persister>,
+        lifecycle: Arc<Lifecycle>,
+        mailbox_capacity: usize,
+    ) -> Self {
+        Self {
+            id,
+            db,
+            persister,
+            lifecycle,
+            mailbox_capacity,
+            phase: Phase::Loading,
+            epoch: 0,
+            next_seq: 0,
+            pending: HashMap::new(),
+            expiry_timer: None,
+        }
+    }
+
+    /// Re-reads the state from the database once every earlier write has ended; the mailbox
+    /// waits meanwhile.
+    fn reload(&mut self, ctx: &mut Context<Self>) {
+        self.epoch += 1;
+        self.phase = Phase::Loading;
+        let barrier = self.persister.send(WriteAndWait(None));
+        let db = self.db.clone();
+        let id = self.id;
+        let load = async move {
+            // The barrier's own outcome does not matter: it only orders the read after the writes.
+            let _ = barrier.await;
+            store::load_event_state(&db, id).await
+        };
+        ctx.wait(
+            load.into_actor(self)
+                .map(|loaded, act, ctx| act.loaded(loaded, ctx)),
+        );
+    }
+
+    fn loaded(&mut self, loaded: anyhow::Result<Option<EventState>>, ctx: &mut Context<Self>) {
+        let state = match loaded {
+            Ok(Some(state)) => state,
+            Ok(None) => {
+                self.phase = Phase::Gone;
+                return;
+            }
+            Err(error) => {
+                tracing::error!(event = %self.id, error = format!("{error:#}"), "cannot read event state; retrying");
+                self.phase = Phase::Unavailable;
+                ctx.run_later(RELOAD_BACKOFF, |act, ctx| act.reload(ctx));
+                return;
+            }
+        };
+        let now = Utc::now();
+        let (ledger, overdue) = Ledger::rebuild(state, now);
+        let is_ticket = ledger.event.kind == EventKind::Ticket;
+        tracing::debug!(event = %self.id, held = ledger.held, sold = ledger.sold, "event state loaded");
+        self.phase = Phase::Ready(Box::new(ledger));
+        for reservation in overdue {
+            self.submit(ctx, reservation, ReservationStatus::Expired, None);
+        }
+        if is_ticket && self.expiry_timer.is_none() {
+            self.expiry_timer = Some(ctx.run_interval(EXPIRY_TICK, |act, ctx| act.expire_due(ctx)));
+        }
+    }
+
+    fn ledger(&mut self) -> Result<&mut Ledger, Refusal> {
+        match &mut self.phase {
+            Phase::Ready(ledger) => Ok(ledger),
+            Phase::Gone => Err(Refusal::EventGone),
+            Phase::Loading | Phase::Unavailable => Err(Refusal::Unavailable),
+        }
+    }
+
+    /// Hands a write to the persister; the answer follows in [`Committed`].
+    fn send_write(&mut self, ctx: &mut Context<Self>, op: WriteOp, pending: Pending) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.insert(seq, pending);
+        let notify = ctx.address().recipient();
+        self.persister.do_send(Submit {
+            event: self.id,
+            seq,
+            op,
+            notify,
+        });
+    }
+
+    /// Starts a status change of a live reservation (confirm, cancel, expiry).
+    fn submit(
+        &mut self,
+        ctx: &mut Context<Self>,
+        mut reservation: Reservation,
+        to: ReservationStatus,
+        reply: Option<Reply<Reservation>>,
+    ) {
+        if let Ok(ledger) = self.ledger()
+            && let Some(live) = ledger.live.get_mut(&reservation.id)
+        {
+            live.changing = Some(to);
+            if let Some(at) = live.reservation.expires_at {
+                ledger.holds.remove(&(at, reservation.id));
+            }
+        }
+        reservation.status = to;
+        let op = WriteOp::SetStatus {
+            id: reservation.id,
+            status: to,
+        };
+        let pending = Pending {
+            epoch: self.epoch,
+            reservation,
+            reply,
+            kind: PendingKind::Changed,
+        };
+        self.send_write(ctx, op, pending);
+    }
+
+    fn expire_due(&mut self, ctx: &mut Context<Self>) {
+        let now = Utc::now();
+        let Ok(ledger) = self.ledger() else { return };
+        let mut due = Vec::new();
+        while let Some(&(at, id)) = ledger.holds.first() {
+            if at > now {
+                break;
+            }
+            ledger.holds.pop_first();
+            if let Some(live) = ledger.live.get(&id)
+                && live.changing.is_none()
+            {
+                due.push(live.reservation.clone());
+            }
+        }
+        for reservation in due {
+            self.submit(ctx, reservation, ReservationStatus::Expired, None);
+        }
+    }
+
+    fn reserve(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Answer {
+        let epoch = self.epoch;
+        let ledger = match self.ledger() {
+            Ok(ledger) => ledger,
+            Err(refusal) => return Answer::Now(Err(refusal)),
+        };
+        let now = Utc::now();
+        let reservation = match ledger.take(&msg, now) {
+            Ok(Taken::New(reservation)) => reservation,
+            Ok(Taken::Replay(first)) => return Answer::Replayed(first),
+            Err(refusal) => return Answer::Now(Err(refusal)),
+        };
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending {
+            epoch,
+            reservation: reservation.clone(),
+            reply: Some(tx),
+            kind: PendingKind::Created { key: msg.key },
+        };
+        self.send_write(ctx, WriteOp::Insert(reservation), pending);
+        Answer::AfterCommit(rx)
+    }
+
+    fn change(
+        &mut self,
+        id: ReservationId,
+        user: &UserId,
+        to: Change,
+        ctx: &mut Context<Self>,
+    ) -> Answer {
+        let now = Utc::now();
+        let ledger = match self.ledger() {
+            Ok(ledger) => ledger,
+            Err(refusal) => return Answer::Now(Err(refusal)),
+        };
+        let kind = ledger.event.kind;
+        let Some(live) = ledger.live.get(&id) else {
+            return Answer::Now(Err(Refusal::Ended));
+        };
+        let reservation = &live.reservation;
+        if &reservation.user_id != user {
+            return Answer::Now(Err(Refusal::UnknownReservation));
+        }
+        if !live.committed || live.changing.is_some() {
+            if live.changing == Some(ReservationStatus::Expired) {
+                return Answer::Now(Err(Refusal::HoldExpired));
+            }
+            return Answer::Now(Err(Refusal::InvalidState(
+                "another change to this reservation is in progress".into(),
+            )));
+        }
+        let target = match to {
+            Change::Confirm => match reservation.status {
+                ReservationStatus::Confirmed => return Answer::Now(Ok(reservation.clone())),
+                ReservationStatus::Held if reservation.expires_at.is_some_and(|at| now >= at) => {
+                    return Answer::Now(Err(Refusal::HoldExpired));
+                }
+                ReservationStatus::Held => ReservationStatus::Confirmed,
+                other => {
+                    return Answer::Now(Err(Refusal::InvalidState(format!(
+                        "a reservation that is {} cannot be confirmed",
+                        other.as_str()
+                    ))));
+                }
+            },
+            Change::Cancel => match reservation.status {
+                ReservationStatus::Redeemed => {
+                    return Answer::Now(Err(Refusal::InvalidState(
+                        "a redeemed coupon cannot be cancelled".into(),
+                    )));
+                }
+                _ => ReservationStatus::cancelled(kind),
+            },
+        };
+        let reservation = reservation.clone();
+        let (tx, rx) = oneshot::channel();
+        self.submit(ctx, reservation, target, Some(tx));
+        Answer::AfterCommit(rx)
+    }
+
+    fn committed(&mut self, msg: Committed, ctx: &mut Context<Self>) {
+        let failed = msg.outcome.is_err();
+        let mut reload = false;
+        for seq in msg.seqs {
+            let Some(pending) = self.pending.remove(&seq) else {
+                continue;
+            };
+            let current = pending.epoch == self.epoch;
+            if failed {
+                reload |= current;
+                if let Some(reply) = pending.reply {
+                    let _ = reply.send(Err(Refusal::Unavailable));
+                }
+                continue;
+            }
+            // A pending write from before a reload is already in the reloaded state.
+            if current && let Ok(ledger) = self.ledger() {
+                ledger.settle(&pending);
+            }
+            if let Some(reply) = pending.reply {
+                let _ = reply.send(Ok(pending.reservation));
+            }
+        }
+        if reload {
+            self.reload(ctx);
+        }
+    }
+
+    fn snapshot(&mut self) -> Result<EventSnapshot, Refusal> {
+        Ok(self.ledger()?.snapshot(Utc::now()))
+    }
+
+    /// Runs a handler body; a panic stops the actor so its supervisor restarts it and it
+    /// rebuilds from the database rather than serving half-applied state.
+    fn guarded<R>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        fallback: R,
+        body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
+    ) -> R {
+        match catch_unwind(AssertUnwindSafe(|| body(self, ctx))) {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::error!(event = %self.id, "event actor panicked; restarting from the database");
+                ctx.stop();
+                fallback
+            }
+        }
+    }
+}
+
+enum Change {
+    Confirm,
+    Cancel,
+}
+
+enum Taken {
+    New(Reservation),
+    Replay(Reservation),
+}
+
+impl Ledger {
+    /// Builds the state from the database rows; returns holds already past their expiry too.
+    fn rebuild(state: EventState, now: DateTime<Utc>) -> (Ledger, Vec<Reservation>) {
+        let mut ledger = Ledger {
+            event: state.event,
+            held: 0,
+            sold: 0,
+            per_user: HashMap::new(),
+            live: HashMap::new(),
+            holds: BTreeSet::new(),
+            keys: HashMap::new(),
+        };
+        let mut overdue = Vec::new();
+        for reservation in state.reservations {
+            if let Some(key) = &reservation.idempotency_key {
+                // The first answer was the reservation in its initial state.
+                let mut first = reservation.clone();
+                first.status = ReservationStatus::initial(ledger.event.kind);
+                ledger.keys.insert(
+                    (reservation.user_id.clone(), key.clone()),
+                    KeyState::Done(first),
+                );
+            }
+            if !reservation.status.is_active() {
+                continue;
+            }
+            ledger.count(&reservation, true);
+            let mut changing = None;
+            if let (ReservationStatus::Held, Some(at)) =
+                (reservation.status, reservation.expires_at)
+            {
+                if at <= now {
+                    changing = Some(ReservationStatus::Expired);
+                    overdue.push(reservation.clone());
+                } else {
+                    ledger.holds.insert((at, reservation.id));
+                }
+            }
+            ledger.live.insert(
+                reservation.id,
+                Live {
+                    reservation,
+                    committed: true,
+                    changing,
+                },
+            );
+        }
+        (ledger, overdue)
+    }
+
+    fn inventory(&self) -> Inventory {
+        Inventory {
+            stock: self.event.stock,
+            held: self.held,
+            sold: self.sold,
+        }
+    }
+
+    fn snapshot(&self, now: DateTime<Utc>) -> EventSnapshot {
+        let inventory = self.inventory();
+        EventSnapshot {
+            event: self.event.clone(),
+            remaining: inventory.remaining(),
+            held: self.held,
+            sold: self.sold,
+            status: self.event.status(inventory, now),
+        }
+    }
+
+    /// Adds (`true`) or removes a reservation's units from the counts.
+    fn count(&mut self, r: &Reservation, add: bool) {
+        let bucket = if r.status == ReservationStatus::Held {
+            &mut self.held
+        } else {
+            &mut self.sold
+        };
+        let units = u64::from(r.quantity);
+        let per_user = self.per_user.entry(r.user_id.clone()).or_insert(0);
+        if add {
+            *bucket += units;
+            *per_user += r.quantity;
+        } else {
+            *bucket = bucket.saturating_sub(units);
+            *per_user = per_user.saturating_sub(r.quantity);
+            if *per_user == 0 {
+                self.per_user.remove(&r.user_id);
+            }
+        }
+    }
+
+    /// Decides a reservation request and, if it is granted, takes the units at once.
+    fn take(&mut self, msg: &Reserve, now: DateTime<Utc>) -> Result<Taken, Refusal> {
+        let quantity = msg.quantity.get();
+        if let Some(key) = &msg.key {
+            match self.keys.get(&(msg.user.clone(), key.clone())) {
+                Some(KeyState::InFlight) => return Err(Refusal::KeyInFlight),
+                Some(KeyState::Done(first)) if first.quantity == quantity => {
+                    return Ok(Taken::Replay(first.clone()));
+                }
+                Some(KeyState::Done(first)) => {
+                    return Err(Refusal::KeyReused {
+                        first_quantity: first.quantity,
+                    });
+                }
+                None => {}
+            }
+        }
+        match self.event.window(now) {
+            Some(EventStatus::Closed) => return Err(Refusal::Closed),
+            Some(_) => return Err(Refusal::NotOpen(self.event.opens_at.unwrap_or(now))),
+            None => {}
+        }
+        if quantity > self.event.max_per_request {
+            return Err(Refusal::QuantityOverMax {
+                max: self.event.max_per_request,
+            });
+        }
+        let active = self.per_user.get(&msg.user).copied().unwrap_or(0);
+        if active + quantity > self.event.per_user_limit {
+            return Err(Refusal::LimitReached {
+                limit: self.event.per_user_limit,
+            });
+        }
+        let remaining = self.inventory().remaining();
+        if remaining == 0 {
+            return Err(Refusal::SoldOut);
+        }
+        if remaining < u64::from(quantity) {
+            return Err(Refusal::InsufficientStock { remaining });
+        }
+        let status = ReservationStatus::initial(self.event.kind);
+        let reservation = Reservation {
+            id: ReservationId::new(),
+            event_id: self.event.id,
+            user_id: msg.user.clone(),
+            quantity,
+            status,
+            expires_at: (status == ReservationStatus::Held)
+                .then(|| now + TimeDelta::seconds(i64::from(self.event.hold_seconds))),
+            created_at: now,
+            idempotency_key: msg.key.clone(),
+        };
+        self.count(&reservation, true);
+        self.live.insert(
+            reservation.id,
+            Live {
+                reservation: reservation.clone(),
+                committed: false,
+                changing: None,
+            },
+        );
+        if let Some(key) = &msg.key {
+            self.keys
+                .insert((msg.user.clone(), key.clone()), KeyState::InFlight);
+        }
+        Ok(Taken::New(reservation))
+    }
+
+    /// Applies a committed write to the counts.
+    fn settle(&mut self, pending: &Pending) {
+        let settled = &pending.reservation;
+        match &pending.kind {
+            PendingKind::Created { key } => {
+                if let Some(live) = self.live.get_mut(&settled.id) {
+                    live.committed = true;
+                }
+                if let Some(at) = settled.expires_at {
+                    self.holds.insert((at, settled.id));
+                }
+                if let Some(key) = key {
+                    self.keys.insert(
+                        (settled.user_id.clone(), key.clone()),
+                        KeyState::Done(settled.clone()),
+                    );
+                }
+            }
+            PendingKind::Changed => {
+                let Some(live) = self.live.remove(&settled.id) else {
+                    return;
+                };
+                self.count(&live.reservation, false);
+                if settled.status.is_active() {
+                    self.count(settled, true);
+                    self.live.insert(
+                        settled.id,
+                        Live {
+                            reservation: settled.clone(),
+                            committed: true,
+                            changing: None,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Actor for EventActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.lifecycle.starts.fetch_add(1, Ordering::Relaxed);
+        ctx.set_mailbox_capacity(self.mailbox_capacity);
+        self.reload(ctx);
+    }
+}
+
+impl Supervised for EventActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.lifecycle.restarts.fetch_add(1, Ordering::Relaxed);
+        // The context dropped its timers; `loaded` starts a new one.
+        self.expiry_timer = None;
+        tracing::warn!(event = %self.id, "event actor restarting");
+    }
+}
+
+impl Handler<Reserve> for EventActor {
+    type Result = Answer;
+
+    fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, Answer::Now(Err(Refusal::Unavailable)), |act, ctx| {
+            act.reserve(msg, ctx)
+        })
+    }
+}
+
+impl Handler<Confirm> for EventActor {
+    type Result = Answer;
+
+    fn handle(&mut self, msg: Confirm, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, Answer::Now(Err(Refusal::Unavailable)), |act, ctx| {
+            act.change(msg.id, &msg.user, Change::Confirm, ctx)
+        })
+    }
+}
+
+impl Handler<Cancel> for EventActor {
+    type Result = Answer;
+
+    fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, Answer::Now(Err(Refusal::Unavailable)), |act, ctx| {
+            act.change(msg.id, &msg.user, Change::Cancel, ctx)
+        })
+    }
+}
+
+impl Handler<Snapshot> for EventActor {
+    type Result = Result<EventSnapshot, Refusal>;
+
+    fn handle(&mut self, _: Snapshot, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, Err(Refusal::Unavailable), |act, _| act.snapshot())
+    }
+}
+
+impl Handler<Committed> for EventActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Committed, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |act, ctx| act.committed(msg, ctx));
+    }
+}
+
+impl Handler<UpdateEvent> for EventActor {
+    type Result = AtomicResponse<Self, Result<EventSnapshot, Refusal>>;
+
+    /// Atomic: the mailbox waits for this commit, so the checks made here (stock not below what
+    /// is held or sold) still hold when it lands. Admin changes are rare; this costs one commit.
+    fn handle(&mut self, msg: UpdateEvent, ctx: &mut Context<Self>) -> Self::Result {
+        let now = Utc::now();
+        let next = self.guarded(ctx, Err(Refusal::Unavailable), |act, _| {
+            let ledger = act.ledger()?;
+            ledger
+                .event
+                .patched(&msg.0, ledger.inventory(), now)
+                .map_err(Refusal::InvalidPatch)
+        });
+        let next = match next {
+            Ok(next) => next,
+            Err(refusal) => return AtomicResponse::new(Box::pin(fut::ready(Err(refusal)))),
+        };
+        let write = self
+            .persister
+            .send(WriteAndWait(Some(WriteOp::UpdateEvent(next.clone()))));
+        AtomicResponse::new(Box::pin(write.into_actor(self).map(
+            move |outcome, act, ctx| match outcome {
+                Ok(Ok(())) => {
+                    let ledger = act.ledger()?;
+                    ledger.event = next;
+                    Ok(ledger.snapshot(Utc::now()))
+                }
+                _ => {
+                    act.reload(ctx);
+                    Err(Refusal::Unavailable)
+                }
+            },
+        )))
+    }
+}
+
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+/// Test-only: makes the actor panic inside a handler.
+pub struct Crash;
+
+#[cfg(test)]
+impl Handler<Crash> for EventActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Crash, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |_, _| panic!("test-triggered panic"));
+    }
+}

@@ -1,0 +1,11 @@
+//! The actors: one [`event::EventActor`] per event (single writer of its state), one
+//! [`persister::Persister`] per database (group commit), and the [`registry::Registry`] that
+//! starts event actors on first use and spreads them over the event arbiters.
+
+pub mod event;
+pub mod persister;
+pub mod registry;
+
+pub use event::{Answer, EventActor, EventSnapshot, Refusal, Reserved};
+pub use persister::{Persister, PersisterStats};
+pub use registry::Registry;

@@ -1,0 +1,244 @@
+//! # Persister: group commit
+//!
+//! Owns the write side of the database. Event actors submit their decided changes here and
+//! never await the database themselves. While one transaction is in flight, new writes queue;
+//! when it ends, the next transaction takes everything queued (up to `max_batch`) at once. No
+//! timer: a lone write waits for one commit, and under a stampede thousands share one.
+//!
+//! Each event actor hears the outcome of its writes in a batch as one [`Committed`] message, so
+//! an actor with thousands of requests in flight is woken once per batch, not once per request.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use actix::prelude::*;
+use sea_orm::DatabaseConnection;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::domain::EventId;
+use crate::store::{self, Backend, WriteOp};
+
+/// A batch could not be committed; none of its writes took effect (or, if the connection broke
+/// during COMMIT, the outcome is unknown and the database must be re-read).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the batch was not committed: {0}")]
+pub struct CommitFailed(pub String);
+
+/// A write an event actor has decided on; answered later by [`Committed`] carrying `seq`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Submit {
+    pub event: EventId,
+    pub seq: u64,
+    pub op: WriteOp,
+    pub notify: Recipient<Committed>,
+}
+
+/// To an event actor: the outcome of the writes it submitted that went into one batch.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Committed {
+    pub seqs: Vec<u64>,
+    pub outcome: Result<(), CommitFailed>,
+}
+
+/// Commits `op` (if any) after everything submitted before it, and resolves with the outcome of
+/// its batch. With no op it is a barrier: once it resolves, every earlier write has ended.
+#[derive(Message)]
+#[rtype(result = "Result<(), CommitFailed>")]
+pub struct WriteAndWait(pub Option<WriteOp>);
+
+enum Waiter {
+    Actor {
+        event: EventId,
+        seq: u64,
+        notify: Recipient<Committed>,
+    },
+    Caller(oneshot::Sender<Result<(), CommitFailed>>),
+}
+
+/// Running totals, read by the admin stats endpoint and the benchmark.
+#[derive(Debug, Default)]
+pub struct PersisterStats {
+    batches: AtomicU64,
+    writes: AtomicU64,
+    commit_micros: AtomicU64,
+    largest_batch: AtomicU64,
+    failed_batches: AtomicU64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PersisterStatsView {
+    pub batches: u64,
+    pub writes: u64,
+    pub failed_batches: u64,
+    pub largest_batch: u64,
+    pub mean_batch: f64,
+    pub mean_commit_ms: f64,
+}
+
+impl PersisterStats {
+    pub fn view(&self) -> PersisterStatsView {
+        let batches = self.batches.load(Ordering::Relaxed);
+        let writes = self.writes.load(Ordering::Relaxed);
+        let micros = self.commit_micros.load(Ordering::Relaxed);
+        let per_batch = |total: u64| {
+            if batches == 0 {
+                0.0
+            } else {
+                total as f64 / batches as f64
+            }
+        };
+        PersisterStatsView {
+            batches,
+            writes,
+            failed_batches: self.failed_batches.load(Ordering::Relaxed),
+            largest_batch: self.largest_batch.load(Ordering::Relaxed),
+            mean_batch: per_batch(writes),
+            mean_commit_ms: per_batch(micros) / 1000.0,
+        }
+    }
+}
+
+pub struct Persister {
+    db: DatabaseConnection,
+    backend: Backend,
+    max_batch: usize,
+    queue: VecDeque<(Option<WriteOp>, Waiter)>,
+    committing: bool,
+    stats: Arc<PersisterStats>,
+}
+
+impl Persister {
+    pub fn new(
+        db: DatabaseConnection,
+        backend: Backend,
+        max_batch: usize,
+        stats: Arc<PersisterStats>,
+    ) -> Self {
+        Self {
+            db,
+            backend,
+            max_batch: max_batch.max(1),
+            queue: VecDeque::new(),
+            committing: false,
+            stats,
+        }
+    }
+
+    /// Starts the next transaction if none is in flight and anything is queued.
+    fn commit_next(&mut self, ctx: &mut Context<Self>) {
+        if self.committing || self.queue.is_empty() {
+            return;
+        }
+        self.committing = true;
+        let take = self.queue.len().min(self.max_batch);
+        let mut ops = Vec::with_capacity(take);
+        let mut waiters = Vec::with_capacity(take);
+        for (op, waiter) in self.queue.drain(..take) {
+            ops.extend(op);
+            waiters.push(waiter);
+        }
+        let db = self.db.clone();
+        let backend = self.backend;
+        let started = Instant::now();
+        let commit = async move {
+            if ops.is_empty() {
+                return Ok(ops.len());
+            }
+            store::apply_batch(&db, backend, &ops)
+                .await
+                .map(|()| ops.len())
+        };
+        ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
+            let outcome = match result {
+                Ok(writes) => {
+                    act.record(writes, started);
+                    Ok(())
+                }
+                Err(error) => {
+                    act.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        writes = waiters.len(),
+                        "batch commit failed"
+                    );
+                    Err(CommitFailed(format!("{error:#}")))
+                }
+            };
+            notify(waiters, &outcome);
+            act.committing = false;
+            act.commit_next(ctx);
+        }));
+    }
+
+    fn record(&self, writes: usize, started: Instant) {
+        let writes = writes as u64;
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.writes.fetch_add(writes, Ordering::Relaxed);
+        self.stats
+            .commit_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.stats
+            .largest_batch
+            .fetch_max(writes, Ordering::Relaxed);
+    }
+}
+
+/// Tells every waiter of a batch its outcome: one message per event actor.
+fn notify(waiters: Vec<Waiter>, outcome: &Result<(), CommitFailed>) {
+    let mut by_event: HashMap<EventId, (Recipient<Committed>, Vec<u64>)> = HashMap::new();
+    for waiter in waiters {
+        match waiter {
+            Waiter::Actor { event, seq, notify } => by_event
+                .entry(event)
+                .or_insert_with(|| (notify, Vec::new()))
+                .1
+                .push(seq),
+            Waiter::Caller(tx) => {
+                let _ = tx.send(outcome.clone());
+            }
+        }
+    }
+    for (notify, seqs) in by_event.into_values() {
+        notify.do_send(Committed {
+            seqs,
+            outcome: outcome.clone(),
+        });
+    }
+}
+
+impl Actor for Persister {
+    type Context = Context<Self>;
+}
+
+impl Handler<Submit> for Persister {
+    type Result = ();
+
+    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
+        let waiter = Waiter::Actor {
+            event: msg.event,
+            seq: msg.seq,
+            notify: msg.notify,
+        };
+        self.queue.push_back((Some(msg.op), waiter));
+        self.commit_next(ctx);
+    }
+}
+
+impl Handler<WriteAndWait> for Persister {
+    type Result = ResponseFuture<Result<(), CommitFailed>>;
+
+    fn handle(&mut self, msg: WriteAndWait, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.queue.push_back((msg.0, Waiter::Caller(tx)));
+        self.commit_next(ctx);
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(CommitFailed("the persister stopped".into())))
+        })
+    }
+}

@@ -1,0 +1,199 @@
+//! Settings, layered: built-in defaults → optional TOML file (`--config`) → environment
+//! (`FIRSTCOME_*`, `DATABASE_URL`) → command-line flags. Each flag's doc comment is its
+//! `--help` text.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "firstcome",
+    version,
+    about = "Limited-inventory drop server: exact, durable, fast reservations"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run migrations, then serve the HTTP API.
+    Serve(Overrides),
+    /// Run database migrations and exit.
+    Migrate(Overrides),
+}
+
+/// Settings given on the command line or in the environment; unset ones fall through to the
+/// configuration file, then to the defaults.
+#[derive(Debug, Default, Args, Serialize)]
+pub struct Overrides {
+    /// TOML file with any of the settings below (keys as in `--help`, with underscores).
+    #[arg(long, env = "FIRSTCOME_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "FIRSTCOME_BIND")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    /// Database URL: sqlite://…, postgres://… or mysql://… [default: sqlite://data/firstcome.db].
+    #[arg(long, env = "DATABASE_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Bearer token for admin routes; when unset, one is generated at start and logged once.
+    #[arg(long, env = "FIRSTCOME_ADMIN_TOKEN", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// HTTP worker threads [default: one per core].
+    #[arg(long, env = "FIRSTCOME_HTTP_WORKERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_workers: Option<usize>,
+    /// Threads (arbiters) that event actors are spread over [default: one per core].
+    #[arg(long, env = "FIRSTCOME_EVENT_ARBITERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_arbiters: Option<usize>,
+    /// Database connections in the pool [default: 8].
+    #[arg(long, env = "FIRSTCOME_DB_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_max_connections: Option<u32>,
+    /// Most writes committed in one transaction [default: 8192].
+    #[arg(long, env = "FIRSTCOME_MAX_BATCH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<usize>,
+    /// Largest accepted request body, in bytes [default: 16384].
+    #[arg(long, env = "FIRSTCOME_BODY_LIMIT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_limit: Option<usize>,
+    /// Messages an event actor's mailbox holds before senders wait [default: 4096].
+    #[arg(long, env = "FIRSTCOME_MAILBOX_CAPACITY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mailbox_capacity: Option<usize>,
+    /// Log format: `text` or `json` [default: text]. Levels come from RUST_LOG.
+    #[arg(long, env = "FIRSTCOME_LOG_FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+}
+
+/// The resolved settings.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub bind: String,
+    pub database_url: String,
+    pub admin_token: Option<String>,
+    pub http_workers: usize,
+    pub event_arbiters: usize,
+    pub db_max_connections: u32,
+    pub max_batch: usize,
+    pub body_limit: usize,
+    pub mailbox_capacity: usize,
+    pub log_format: String,
+}
+
+impl std::fmt::Debug for Settings {
+    /// Everything but the admin token, which is a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("bind", &self.bind)
+            .field("database_url", &redact_password(&self.database_url))
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("http_workers", &self.http_workers)
+            .field("event_arbiters", &self.event_arbiters)
+            .field("db_max_connections", &self.db_max_connections)
+            .field("max_batch", &self.max_batch)
+            .field("body_limit", &self.body_limit)
+            .field("mailbox_capacity", &self.mailbox_capacity)
+            .finish()
+    }
+}
+
+fn redact_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            database_url: "sqlite://data/firstcome.db".into(),
+            admin_token: None,
+            http_workers: cores,
+            event_arbiters: cores,
+            db_max_connections: 8,
+            max_batch: 8192,
+            body_limit: 16 * 1024,
+            mailbox_capacity: 4096,
+            log_format: "text".into(),
+        }
+    }
+}
+
+impl Settings {
+    pub fn load(overrides: &Overrides) -> anyhow::Result<Settings> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = &overrides.config {
+            if !path.is_file() {
+                bail!("configuration file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let settings: Settings = figment
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .context("reading the configuration")?;
+        if settings.log_format != "text" && settings.log_format != "json" {
+            bail!(
+                "log_format must be `text` or `json`, not {:?}",
+                settings.log_format
+            );
+        }
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("firstcome.toml");
+        std::fs::write(&file, "bind = \"0.0.0.0:9000\"\nmax_batch = 100\n")?;
+        let overrides = Overrides {
+            config: Some(file),
+            max_batch: Some(7),
+            ..Overrides::default()
+        };
+        let settings = Settings::load(&overrides)?;
+        assert_eq!(settings.bind, "0.0.0.0:9000", "from the file");
+        assert_eq!(settings.max_batch, 7, "the flag wins over the file");
+        assert_eq!(settings.body_limit, 16 * 1024, "default");
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_an_error() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("firstcome.toml");
+        std::fs::write(&file, "bnid = \"0.0.0.0:9000\"\n")?;
+        let overrides = Overrides {
+            config: Some(file),
+            ..Overrides::default()
+        };
+        assert!(Settings::load(&overrides).is_err());
+        Ok(())
+    }
+}

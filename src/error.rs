@@ -1,0 +1,132 @@
+//! Every error a client can see: one table of codes (code → HTTP status → snake_case name), and
+//! one body shape, RFC 9457 `application/problem+json` with our stable `code`.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::{Map, Value, json};
+
+macro_rules! error_codes {
+    ($($variant:ident => $status:ident, $name:literal, $title:literal;)*) => {
+        /// A stable, machine-readable reason for a refusal.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Code { $($variant),* }
+
+        impl Code {
+            pub fn status(self) -> StatusCode {
+                match self { $(Self::$variant => StatusCode::$status),* }
+            }
+            /// The `code` member of the problem body.
+            pub fn name(self) -> &'static str {
+                match self { $(Self::$variant => $name),* }
+            }
+            /// The problem type's short, human-readable summary.
+            pub fn title(self) -> &'static str {
+                match self { $(Self::$variant => $title),* }
+            }
+        }
+    };
+}
+
+error_codes! {
+    MalformedJson => BAD_REQUEST, "malformed_json", "The body is not valid JSON";
+    InvalidIdempotencyKey => BAD_REQUEST, "invalid_idempotency_key", "The Idempotency-Key header is malformed";
+    BadRequest => BAD_REQUEST, "bad_request", "The request is malformed";
+    MissingUser => UNAUTHORIZED, "missing_user", "The request does not identify a user";
+    Unauthorized => UNAUTHORIZED, "unauthorized", "Admin credentials are required";
+    Forbidden => FORBIDDEN, "forbidden", "These credentials may not do this";
+    NotFound => NOT_FOUND, "not_found", "No such resource";
+    EventNotFound => NOT_FOUND, "event_not_found", "No such event";
+    ReservationNotFound => NOT_FOUND, "reservation_not_found", "No such reservation";
+    MethodNotAllowed => METHOD_NOT_ALLOWED, "method_not_allowed", "This method is not allowed here";
+    SoldOut => CONFLICT, "sold_out", "Sold out";
+    InsufficientStock => CONFLICT, "insufficient_stock", "Fewer units remain than requested";
+    LimitReached => CONFLICT, "limit_reached", "The per-user limit is reached";
+    NotOpen => CONFLICT, "not_open", "The event is not open yet";
+    Closed => CONFLICT, "closed", "The event is closed";
+    HoldExpired => CONFLICT, "hold_expired", "The hold has expired";
+    InvalidState => CONFLICT, "invalid_state", "The reservation is not in a state that allows this";
+    IdempotencyInFlight => CONFLICT, "idempotency_in_flight", "A request with this Idempotency-Key is still in progress";
+    PayloadTooLarge => PAYLOAD_TOO_LARGE, "payload_too_large", "The body is too large";
+    UnsupportedMediaType => UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "The body must be application/json";
+    InvalidBody => UNPROCESSABLE_ENTITY, "invalid_body", "The body does not have the expected shape";
+    InvalidQuantity => UNPROCESSABLE_ENTITY, "invalid_quantity", "The quantity is not allowed";
+    InvalidEvent => UNPROCESSABLE_ENTITY, "invalid_event", "The event settings are not valid";
+    IdempotencyKeyReused => UNPROCESSABLE_ENTITY, "idempotency_key_reused", "This Idempotency-Key was used with a different request";
+    Unavailable => SERVICE_UNAVAILABLE, "unavailable", "The service cannot commit right now";
+    Internal => INTERNAL_SERVER_ERROR, "internal", "Internal error";
+}
+
+/// Seconds a client should wait after a 503 before retrying.
+pub const RETRY_AFTER_SECONDS: u32 = 1;
+
+/// An error on its way to the client as problem+json.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {detail}", code.name())]
+pub struct ApiError {
+    pub code: Code,
+    pub detail: String,
+    /// Extension members added to the body (e.g. `remaining`).
+    pub extra: Map<String, Value>,
+}
+
+impl ApiError {
+    pub fn new(code: Code, detail: impl Into<String>) -> Self {
+        Self {
+            code,
+            detail: detail.into(),
+            extra: Map::new(),
+        }
+    }
+
+    pub fn with(mut self, member: &str, value: impl Into<Value>) -> Self {
+        self.extra.insert(member.to_owned(), value.into());
+        self
+    }
+
+    /// Logs the whole cause chain and gives the client an opaque 500.
+    pub fn internal(error: anyhow::Error) -> Self {
+        tracing::error!(error = format!("{error:#}"), "unexpected error");
+        Self::new(
+            Code::Internal,
+            "An unexpected error occurred; it has been logged.",
+        )
+    }
+
+    /// The database could not be reached or could not commit; nothing was changed.
+    pub fn unavailable(error: impl std::fmt::Display) -> Self {
+        tracing::warn!(%error, "answering 503");
+        Self::new(
+            Code::Unavailable,
+            "The database cannot commit right now; nothing was changed. Retry shortly.",
+        )
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.code.status()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut body = json!({
+            "type": format!("urn:firstcome:problem:{}", self.code.name()),
+            "title": self.code.title(),
+            "status": self.code.status().as_u16(),
+            "detail": self.detail,
+            "code": self.code.name(),
+        });
+        if let Value::Object(members) = &mut body {
+            members.extend(self.extra.clone());
+        }
+        let mut response = HttpResponse::build(self.code.status());
+        response.insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        ));
+        if self.code == Code::Unavailable {
+            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        }
+        response.body(body.to_string())
+    }
+}

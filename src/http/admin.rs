@@ -1,0 +1,28 @@
+//! Operator-only views.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, web};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+
+use super::extract::Admin;
+use super::{AppState, json, resource};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/v1/admin/stats").route(web::get().to(stats)));
+}
+
+/// Persister batching figures and event-actor restarts, for operators and the benchmark.
+async fn stats(_: Admin, state: web::Data<AppState>) -> HttpResponse {
+    let lifecycle = state.registry.lifecycle();
+    json(
+        StatusCode::OK,
+        &json!({
+            "persister": state.persister_stats.view(),
+            "event_actors": {
+                "starts": lifecycle.starts.load(Ordering::Relaxed),
+                "restarts": lifecycle.restarts.load(Ordering::Relaxed),
+            },
+        }),
+    )
+}

@@ -1,0 +1,81 @@
+//! `/v1/events`: creating, reading and changing drops.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::Utc;
+
+use super::extract::{Admin, event_id, required_json_body};
+use super::{AppState, json, resource};
+use crate::actors::EventSnapshot;
+use crate::actors::event::{Snapshot, UpdateEvent};
+use crate::domain::{EventPatch, EventSpec, Inventory};
+use crate::error::{ApiError, Code};
+use crate::store;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/v1/events").route(web::post().to(create)))
+        .service(
+            resource("/v1/events/{id}")
+                .route(web::get().to(read))
+                .route(web::patch().to(update)),
+        );
+}
+
+async fn create(
+    _: Admin,
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let spec: EventSpec = required_json_body(&req, payload, state.body_limit).await?;
+    let now = Utc::now();
+    let event = spec
+        .validate(now)
+        .map_err(|e| ApiError::new(Code::InvalidEvent, e.0))?;
+    let event = store::create_event(&state.db, event)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let inventory = Inventory {
+        stock: event.stock,
+        held: 0,
+        sold: 0,
+    };
+    let snapshot = EventSnapshot {
+        status: event.status(inventory, now),
+        remaining: event.stock,
+        held: 0,
+        sold: 0,
+        event,
+    };
+    let mut response = json(StatusCode::CREATED, &snapshot);
+    if let Ok(location) =
+        header::HeaderValue::from_str(&format!("/v1/events/{}", snapshot.event.id))
+    {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+async fn read(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = super::reservations::event_actor(&state, event_id(&path)?).await?;
+    let snapshot = actor.send(Snapshot).await??;
+    Ok(json(StatusCode::OK, &snapshot))
+}
+
+async fn update(
+    _: Admin,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let id = event_id(&path)?;
+    let patch: EventPatch = required_json_body(&req, payload, state.body_limit).await?;
+    let actor = super::reservations::event_actor(&state, id).await?;
+    let snapshot = actor.send(UpdateEvent(patch)).await??;
+    Ok(json(StatusCode::OK, &snapshot))
+}

@@ -1,0 +1,183 @@
+//! Parsing requests into domain types: who is calling, which key, which body.
+
+use std::future::{Ready, ready};
+
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use crate::domain::{EventId, IdempotencyKey, ReservationId, UserId};
+use crate::error::{ApiError, Code};
+
+/// The calling user, from the `X-User-Id` header set by a trusted gateway.
+pub struct User(pub UserId);
+
+pub const USER_HEADER: &str = "x-user-id";
+
+impl FromRequest for User {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let parsed = match req.headers().get(USER_HEADER).map(|v| v.to_str()) {
+            None => Err(ApiError::new(
+                Code::MissingUser,
+                "The X-User-Id header is required.",
+            )),
+            Some(Err(_)) => Err(ApiError::new(
+                Code::MissingUser,
+                "X-User-Id may contain only visible ASCII characters.",
+            )),
+            Some(Ok(raw)) => UserId::parse(raw).map(User).map_err(|e| {
+                ApiError::new(Code::MissingUser, format!("X-User-Id is malformed: {e}."))
+            }),
+        };
+        ready(parsed)
+    }
+}
+
+/// An operator holding the admin bearer token.
+pub struct Admin;
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let expected = req
+            .app_data::<web::Data<AppState>>()
+            .map(|s| s.admin_token.as_bytes());
+        let presented = bearer(req.headers());
+        ready(match (presented, expected) {
+            (None, _) => Err(ApiError::new(
+                Code::Unauthorized,
+                "An admin bearer token is required.",
+            )),
+            (Some(token), Some(expected))
+                if constant_time_eq::constant_time_eq(token.as_bytes(), expected) =>
+            {
+                Ok(Admin)
+            }
+            _ => Err(ApiError::new(
+                Code::Forbidden,
+                "This token does not grant admin access.",
+            )),
+        })
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The optional `Idempotency-Key` header.
+pub struct IdemKey(pub Option<IdempotencyKey>);
+
+impl FromRequest for IdemKey {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let parsed = match req.headers().get("idempotency-key") {
+            None => Ok(IdemKey(None)),
+            Some(value) => value
+                .to_str()
+                .map_err(|_| "it may contain only visible ASCII characters".to_owned())
+                .and_then(|raw| IdempotencyKey::parse(raw).map_err(|e| e.to_string()))
+                .map(|key| IdemKey(Some(key)))
+                .map_err(|why| {
+                    ApiError::new(
+                        Code::InvalidIdempotencyKey,
+                        format!("Idempotency-Key is malformed: {why}."),
+                    )
+                }),
+        };
+        ready(parsed)
+    }
+}
+
+pub fn event_id(raw: &str) -> Result<EventId, ApiError> {
+    EventId::parse(raw)
+        .ok_or_else(|| ApiError::new(Code::EventNotFound, format!("No event has id {raw:?}.")))
+}
+
+pub fn reservation_id(raw: &str) -> Result<ReservationId, ApiError> {
+    ReservationId::parse(raw).ok_or_else(|| {
+        ApiError::new(
+            Code::ReservationNotFound,
+            format!("No reservation has id {raw:?}."),
+        )
+    })
+}
+
+/// Reads a JSON body of at most `limit` bytes; `None` when the body is empty.
+pub async fn json_body<T: DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<Option<T>, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            Code::PayloadTooLarge,
+            format!("The body must be at most {limit} bytes."),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let bytes = payload
+        .to_bytes_limited(limit)
+        .await
+        .map_err(|_| too_large())?
+        .map_err(|e| {
+            ApiError::new(
+                Code::BadRequest,
+                format!("The body could not be read: {e}."),
+            )
+        })?;
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<mime::Mime>().ok())
+        .is_some_and(|m| {
+            m.type_() == mime::APPLICATION
+                && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
+        });
+    if !is_json {
+        return Err(ApiError::new(
+            Code::UnsupportedMediaType,
+            "The body must be sent as Content-Type: application/json.",
+        ));
+    }
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        let code = if e.is_data() {
+            Code::InvalidBody
+        } else {
+            Code::MalformedJson
+        };
+        ApiError::new(code, format!("The body is not acceptable: {e}."))
+    })
+}
+
+/// Like [`json_body`], for routes where the body is required.
+pub async fn required_json_body<T: DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
+    json_body(req, payload, limit)
+        .await?
+        .ok_or_else(|| ApiError::new(Code::InvalidBody, "A JSON body is required."))
+}

@@ -1,0 +1,32 @@
+//! # firstcome
+//!
+//! A server for limited-inventory drops: N units, far more than N requests in the same second,
+//! and exactly N issued, each acknowledged only once it is durable.
+//!
+//! # Architecture
+//!
+//! ```text
+//! HTTP ─> http (parse into domain types) ─msg─> actors::event::EventActor (one per event)
+//!                                                   │ decides from memory; takes units at once
+//!                                                   └─WriteOp─> actors::persister::Persister
+//!                                                                 │ group commit: one txn per batch
+//!                                                                 └─> store ─> SQLite / PostgreSQL / MySQL
+//! ```
+//!
+//! # Layout
+//! - [`domain`]: newtypes and rules (ids, quantities, events, reservation states); no I/O.
+//! - [`actors`]: the event actor (single writer per event), the persister (group commit) and
+//!   the registry (starts event actors on first use, one arbiter per core).
+//! - [`http`]: actix-web routes; each only parses, sends a message and renders.
+//! - [`store`]: sea-orm queries and the batch writer, in domain terms.
+//! - [`error`]: the table of error codes and the problem+json body.
+//! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring.
+
+pub mod actors;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

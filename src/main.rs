@@ -1,0 +1,36 @@
+//! `firstcome serve` and `firstcome migrate`: parse the command line, then hand over to the
+//! library.
+
+use anyhow::Context;
+use clap::Parser;
+use firstcome::config::{Cli, Command, Settings};
+use firstcome::startup::Application;
+use firstcome::{store, telemetry};
+
+#[actix_web::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(overrides) => {
+            let settings = Settings::load(&overrides)?;
+            telemetry::init(settings.log_format == "json");
+            tracing::info!(?settings, "starting");
+            let bind = settings.bind.clone();
+            let app = Application::build(settings).await?;
+            let host = bind
+                .rsplit_once(':')
+                .map_or(bind.as_str(), |(host, _)| host);
+            // Tests and scripts read this line to learn the port (with --bind …:0).
+            println!("firstcome listening on http://{host}:{}", app.port());
+            app.run_until_stopped().await.context("serving")
+        }
+        Command::Migrate(overrides) => {
+            let settings = Settings::load(&overrides)?;
+            telemetry::init(settings.log_format == "json");
+            let db = store::connect(&settings.database_url, 1).await?;
+            store::migrate(&db).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Opening the database with the settings correctness depends on.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{DatabaseConnection, SqlxMySqlConnector, SqlxPostgresConnector, SqlxSqliteConnector};
+use sqlx::mysql::MySqlConnectOptions;
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> anyhow::Result<Self> {
+        let scheme = url.split(':').next().unwrap_or_default();
+        Ok(match scheme {
+            "sqlite" => Self::Sqlite,
+            "postgres" | "postgresql" => Self::Postgres,
+            "mysql" | "mariadb" => Self::MySql,
+            _ => bail!(
+                "unsupported database URL scheme {scheme:?}: use sqlite:, postgres: or mysql:"
+            ),
+        })
+    }
+
+    /// The most bind parameters one statement may carry on this backend.
+    pub fn bind_limit(self) -> usize {
+        match self {
+            Self::Sqlite => 32_766,
+            Self::Postgres | Self::MySql => 65_535,
+        }
+    }
+}
+
+/// How long a connection attempt or a wait for a pooled connection may take before the request
+/// fails with 503 rather than hanging.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a pool on `url` with durable settings: SQLite in WAL mode with `synchronous=FULL` (sqlx
+/// no longer sets the journal mode itself), PostgreSQL with `synchronous_commit=on`. MySQL's
+/// durability is the server's `innodb_flush_log_at_trx_commit=1` (its default).
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
+    let db = match Backend::of_url(url)? {
+        Backend::Sqlite => {
+            let options = SqliteConnectOptions::from_str(url)
+                .with_context(|| format!("parsing SQLite URL {url}"))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .foreign_keys(true)
+                .busy_timeout(ACQUIRE_TIMEOUT);
+            if let Some(dir) = options
+                .get_filename()
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!("creating the database directory {}", dir.display())
+                })?;
+            }
+            let pool = pool(max_connections)
+                .connect_with(options)
+                .await
+                .context("opening the SQLite database")?;
+            SqlxSqliteConnector::from_sqlx_sqlite_pool(pool)
+        }
+        Backend::Postgres => {
+            let options = PgConnectOptions::from_str(url)
+                .context("parsing the PostgreSQL URL")?
+                .options([("synchronous_commit", "on")]);
+            let pool = pool(max_connections)
+                .connect_with(options)
+                .await
+                .context("connecting to PostgreSQL")?;
+            SqlxPostgresConnector::from_sqlx_postgres_pool(pool)
+        }
+        Backend::MySql => {
+            let options = MySqlConnectOptions::from_str(url).context("parsing the MySQL URL")?;
+            let pool = pool(max_connections)
+                .connect_with(options)
+                .await
+                .context("connecting to MySQL")?;
+            SqlxMySqlConnector::from_sqlx_mysql_pool(pool)
+        }
+    };
+    Ok(db)
+}
+
+fn pool<DB: sqlx::Database>(max_connections: u32) -> PoolOptions<DB> {
+    PoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+}
+
+/// Brings the schema up to date.
+pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
+    Migrator::up(db, None)
+        .await
+        .context("running database migrations")
+}

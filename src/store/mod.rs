@@ -1,0 +1,15 @@
+//! Persistence in domain terms: connecting with durable settings, migrations, and the few
+//! queries the server needs. Everything here speaks `crate::domain` types; sea-orm models stay
+//! inside this module.
+
+mod batch;
+mod connect;
+mod convert;
+mod queries;
+
+pub use batch::{WriteOp, apply_batch};
+pub use connect::{Backend, connect, migrate};
+pub use queries::{
+    EventState, create_event, find_event, find_reservation, list_user_reservations,
+    load_event_state, ping,
+};
