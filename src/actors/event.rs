@@ -230,6 +230,8 @@ pub struct EventActor {
     next_seq: u64,
     pending: HashMap<u64, Pending>,
     expiry_timer: Option<SpawnHandle>,
+    /// This actor's own address for commit outcomes, made once rather than per write.
+    notify: Option<Arc<Recipient<Committed>>>,
 }
 
 impl EventActor {
@@ -251,6 +253,7 @@ impl EventActor {
             next_seq: 0,
             pending: HashMap::new(),
             expiry_timer: None,
+            notify: None,
         }
     }
 
@@ -287,7 +290,7 @@ impl EventActor {
                 return;
             }
         };
-        let now = Utc::now();
+        let now = crate::domain::now();
         let (ledger, overdue) = Ledger::rebuild(state, now);
         let is_ticket = ledger.event.kind == EventKind::Ticket;
         tracing::debug!(event = %self.id, held = ledger.held, sold = ledger.sold, "event state loaded");
@@ -313,7 +316,10 @@ impl EventActor {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.pending.insert(seq, pending);
-        let notify = ctx.address().recipient();
+        let notify = self
+            .notify
+            .get_or_insert_with(|| Arc::new(ctx.address().recipient()))
+            .clone();
         self.persister.do_send(Submit {
             event: self.id,
             seq,
@@ -353,7 +359,7 @@ impl EventActor {
     }
 
     fn expire_due(&mut self, ctx: &mut Context<Self>) {
-        let now = Utc::now();
+        let now = crate::domain::now();
         let Ok(ledger) = self.ledger() else { return };
         let mut due = Vec::new();
         while let Some(&(at, id)) = ledger.holds.first() {
@@ -378,7 +384,7 @@ impl EventActor {
             Ok(ledger) => ledger,
             Err(refusal) => return Answer::Now(Err(refusal)),
         };
-        let now = Utc::now();
+        let now = crate::domain::now();
         let reservation = match ledger.take(&msg, now) {
             Ok(Taken::New(reservation)) => reservation,
             Ok(Taken::Replay(first)) => return Answer::Replayed(first),
@@ -402,7 +408,7 @@ impl EventActor {
         to: Change,
         ctx: &mut Context<Self>,
     ) -> Answer {
-        let now = Utc::now();
+        let now = crate::domain::now();
         let ledger = match self.ledger() {
             Ok(ledger) => ledger,
             Err(refusal) => return Answer::Now(Err(refusal)),
@@ -481,7 +487,7 @@ impl EventActor {
     }
 
     fn snapshot(&mut self) -> Result<EventSnapshot, Refusal> {
-        Ok(self.ledger()?.snapshot(Utc::now()))
+        Ok(self.ledger()?.snapshot(crate::domain::now()))
     }
 
     /// Runs a handler body; a panic stops the actor so its supervisor restarts it and it
@@ -781,7 +787,7 @@ impl Handler<UpdateEvent> for EventActor {
     /// Atomic: the mailbox waits for this commit, so the checks made here (stock not below what
     /// is held or sold) still hold when it lands. Admin changes are rare; this costs one commit.
     fn handle(&mut self, msg: UpdateEvent, ctx: &mut Context<Self>) -> Self::Result {
-        let now = Utc::now();
+        let now = crate::domain::now();
         let next = self.guarded(ctx, Err(Refusal::Unavailable), |act, _| {
             let ledger = act.ledger()?;
             ledger
@@ -801,7 +807,7 @@ impl Handler<UpdateEvent> for EventActor {
                 Ok(Ok(())) => {
                     let ledger = act.ledger()?;
                     ledger.event = next;
-                    Ok(ledger.snapshot(Utc::now()))
+                    Ok(ledger.snapshot(crate::domain::now()))
                 }
                 _ => {
                     act.reload(ctx);
@@ -824,5 +830,154 @@ impl Handler<Crash> for EventActor {
 
     fn handle(&mut self, _: Crash, ctx: &mut Context<Self>) {
         self.guarded(ctx, (), |_, _| panic!("test-triggered panic"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::ConnectionTrait;
+
+    use super::*;
+    use crate::actors::persister::PersisterStats;
+    use crate::domain::EventSpec;
+    use crate::store::Backend;
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        db: DatabaseConnection,
+        actor: Addr<EventActor>,
+        lifecycle: Arc<Lifecycle>,
+    }
+
+    /// A real SQLite database, a persister, and one supervised event actor.
+    async fn harness(spec: &str) -> anyhow::Result<Harness> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        let db = store::connect(&url, 4).await?;
+        store::migrate(&db).await?;
+        let spec: EventSpec = serde_json::from_str(spec)?;
+        let event = store::create_event(&db, spec.validate(crate::domain::now())?).await?;
+        let persister = Persister::new(
+            db.clone(),
+            Backend::Sqlite,
+            100,
+            Arc::new(PersisterStats::default()),
+        )
+        .start();
+        let lifecycle = Arc::new(Lifecycle::default());
+        let actor = {
+            let (db, lifecycle) = (db.clone(), lifecycle.clone());
+            Supervisor::start(move |_| EventActor::new(event.id, db, persister, lifecycle, 64))
+        };
+        Ok(Harness {
+            _dir: dir,
+            db,
+            actor,
+            lifecycle,
+        })
+    }
+
+    fn reserve(user: &str, key: Option<&str>) -> anyhow::Result<Reserve> {
+        Ok(Reserve {
+            user: UserId::parse(user)?,
+            quantity: Quantity::ONE,
+            key: key.map(IdempotencyKey::parse).transpose()?,
+        })
+    }
+
+    #[actix_rt::test]
+    async fn a_panic_in_a_handler_restarts_the_actor_with_its_state_intact() -> anyhow::Result<()> {
+        // Arrange
+        let h = harness(r#"{"name":"restart","kind":"coupon","stock":10}"#).await?;
+        let first = h
+            .actor
+            .send(reserve("alice", Some("k1"))?)
+            .await?
+            .outcome()
+            .await?;
+        h.actor.send(reserve("bob", None)?).await?.outcome().await?;
+        let before = h.actor.send(Snapshot).await??;
+
+        // Act
+        h.actor.send(Crash).await?;
+
+        // Assert
+        let after = h.actor.send(Snapshot).await??;
+        assert_eq!(
+            h.lifecycle.restarts.load(Ordering::Relaxed),
+            1,
+            "one supervised restart"
+        );
+        assert_eq!(
+            h.lifecycle.starts.load(Ordering::Relaxed),
+            2,
+            "started twice"
+        );
+        assert_eq!(
+            (after.remaining, after.held, after.sold),
+            (before.remaining, before.held, before.sold)
+        );
+        assert_eq!((after.remaining, after.sold), (8, 2));
+        let again = h.actor.send(reserve("alice", None)?).await?.outcome().await;
+        assert_eq!(
+            again.err(),
+            Some(Refusal::LimitReached { limit: 1 }),
+            "per-user count survived"
+        );
+        let replay = h
+            .actor
+            .send(reserve("alice", Some("k1"))?)
+            .await?
+            .outcome()
+            .await?;
+        assert!(replay.replayed, "idempotency result survived");
+        assert_eq!(
+            replay.reservation, first.reservation,
+            "the first answer, byte for byte"
+        );
+        Ok(())
+    }
+
+    #[actix_rt::test]
+    async fn a_failed_commit_answers_unavailable_and_reverts_the_tentative_reservation()
+    -> anyhow::Result<()> {
+        // Arrange: the database itself refuses any batch carrying this user's row.
+        let h = harness(r#"{"name":"fail","kind":"coupon","stock":3}"#).await?;
+        h.db.execute_unprepared(
+            "CREATE TRIGGER poison BEFORE INSERT ON reservations WHEN NEW.user_id = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+        )
+        .await?;
+
+        // Act
+        let failed = h
+            .actor
+            .send(reserve("poison", Some("retry-me"))?)
+            .await?
+            .outcome()
+            .await;
+
+        // Assert
+        assert_eq!(failed.err(), Some(Refusal::Unavailable));
+        let snapshot = h.actor.send(Snapshot).await??;
+        assert_eq!(
+            (snapshot.remaining, snapshot.sold),
+            (3, 0),
+            "nothing stays taken"
+        );
+        h.db.execute_unprepared("DROP TRIGGER poison").await?;
+        let retried = h
+            .actor
+            .send(reserve("poison", Some("retry-me"))?)
+            .await?
+            .outcome()
+            .await?;
+        assert!(
+            !retried.replayed,
+            "the failed attempt left no idempotency record"
+        );
+        let snapshot = h.actor.send(Snapshot).await??;
+        assert_eq!((snapshot.remaining, snapshot.sold), (2, 1));
+        Ok(())
     }
 }

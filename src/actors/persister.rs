@@ -34,7 +34,7 @@ pub struct Submit {
     pub event: EventId,
     pub seq: u64,
     pub op: WriteOp,
-    pub notify: Recipient<Committed>,
+    pub notify: Arc<Recipient<Committed>>,
 }
 
 /// To an event actor: the outcome of the writes it submitted that went into one batch.
@@ -55,7 +55,7 @@ enum Waiter {
     Actor {
         event: EventId,
         seq: u64,
-        notify: Recipient<Committed>,
+        notify: Arc<Recipient<Committed>>,
     },
     Caller(oneshot::Sender<Result<(), CommitFailed>>),
 }
@@ -190,7 +190,7 @@ impl Persister {
 
 /// Tells every waiter of a batch its outcome: one message per event actor.
 fn notify(waiters: Vec<Waiter>, outcome: &Result<(), CommitFailed>) {
-    let mut by_event: HashMap<EventId, (Recipient<Committed>, Vec<u64>)> = HashMap::new();
+    let mut by_event: HashMap<EventId, (Arc<Recipient<Committed>>, Vec<u64>)> = HashMap::new();
     for waiter in waiters {
         match waiter {
             Waiter::Actor { event, seq, notify } => by_event

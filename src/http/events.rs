@@ -3,7 +3,6 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use chrono::Utc;
 
 use super::extract::{Admin, event_id, required_json_body};
 use super::{AppState, json, resource};
@@ -29,7 +28,7 @@ async fn create(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let spec: EventSpec = required_json_body(&req, payload, state.body_limit).await?;
-    let now = Utc::now();
+    let now = crate::domain::now();
     let event = spec
         .validate(now)
         .map_err(|e| ApiError::new(Code::InvalidEvent, e.0))?;

@@ -40,7 +40,7 @@ pub async fn apply_batch(
     backend: Backend,
     ops: &[WriteOp],
 ) -> anyhow::Result<()> {
-    let now: DateTime<Utc> = Utc::now();
+    let now: DateTime<Utc> = crate::domain::now();
     let mut inserts = Vec::new();
     let mut status_changes: HashMap<ReservationStatus, Vec<uuid::Uuid>> = HashMap::new();
     let mut event_updates = Vec::new();
