@@ -17,9 +17,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(?settings, "starting");
             let bind = settings.bind.clone();
             let app = Application::build(settings).await?;
-            let host = bind
-                .rsplit_once(':')
-                .map_or(bind.as_str(), |(host, _)| host);
+            let host = bind.rsplit_once(':').map_or(bind.as_str(), |(host, _)| host);
             // Tests and scripts read this line to learn the port (with --bind …:0).
             println!("firstcome listening on http://{host}:{}", app.port());
             app.run_until_stopped().await.context("serving")

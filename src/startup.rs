@@ -59,12 +59,9 @@ impl Application {
             persister_stats: stats,
         });
 
-        let listener = TcpListener::bind(&settings.bind)
-            .with_context(|| format!("binding {}", settings.bind))?;
-        let port = listener
-            .local_addr()
-            .context("reading the bound address")?
-            .port();
+        let listener =
+            TcpListener::bind(&settings.bind).with_context(|| format!("binding {}", settings.bind))?;
+        let port = listener.local_addr().context("reading the bound address")?.port();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())

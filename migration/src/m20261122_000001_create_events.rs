@@ -45,12 +45,7 @@ impl MigrationTrait for Migration {
                     .col(ColumnDef::new(Events::HoldSeconds).integer().not_null())
                     .col(timestamp(manager, Events::OpensAt).null())
                     .col(timestamp(manager, Events::ClosesAt).null())
-                    .col(
-                        ColumnDef::new(Events::Closed)
-                            .boolean()
-                            .not_null()
-                            .default(false),
-                    )
+                    .col(ColumnDef::new(Events::Closed).boolean().not_null().default(false))
                     .col(timestamp(manager, Events::CreatedAt).not_null())
                     .col(timestamp(manager, Events::UpdatedAt).not_null())
                     .to_owned(),

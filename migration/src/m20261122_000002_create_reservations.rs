@@ -28,28 +28,11 @@ impl MigrationTrait for Migration {
                 Table::create()
                     .table(Reservations::Table)
                     .if_not_exists()
-                    .col(
-                        ColumnDef::new(Reservations::Id)
-                            .uuid()
-                            .not_null()
-                            .primary_key(),
-                    )
-                    .col(
-                        ColumnDef::new(Reservations::EventId)
-                            .big_integer()
-                            .not_null(),
-                    )
-                    .col(
-                        ColumnDef::new(Reservations::UserId)
-                            .string_len(128)
-                            .not_null(),
-                    )
+                    .col(ColumnDef::new(Reservations::Id).uuid().not_null().primary_key())
+                    .col(ColumnDef::new(Reservations::EventId).big_integer().not_null())
+                    .col(ColumnDef::new(Reservations::UserId).string_len(128).not_null())
                     .col(ColumnDef::new(Reservations::Quantity).integer().not_null())
-                    .col(
-                        ColumnDef::new(Reservations::Status)
-                            .string_len(16)
-                            .not_null(),
-                    )
+                    .col(ColumnDef::new(Reservations::Status).string_len(16).not_null())
                     .col(
                         ColumnDef::new(Reservations::IdempotencyKey)
                             .string_len(255)

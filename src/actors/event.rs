@@ -32,8 +32,8 @@ use tokio::sync::oneshot;
 
 use super::persister::{Committed, Persister, Submit, WriteAndWait};
 use crate::domain::{
-    Event, EventId, EventKind, EventPatch, EventStatus, IdempotencyKey, Invalid, Inventory,
-    Quantity, Reservation, ReservationId, ReservationStatus, UserId,
+    Event, EventId, EventKind, EventPatch, EventStatus, IdempotencyKey, Invalid, Inventory, Quantity,
+    Reservation, ReservationId, ReservationStatus, UserId,
 };
 use crate::store::{self, EventState, WriteOp};
 
@@ -401,13 +401,7 @@ impl EventActor {
         Answer::AfterCommit(rx)
     }
 
-    fn change(
-        &mut self,
-        id: ReservationId,
-        user: &UserId,
-        to: Change,
-        ctx: &mut Context<Self>,
-    ) -> Answer {
+    fn change(&mut self, id: ReservationId, user: &UserId, to: Change, ctx: &mut Context<Self>) -> Answer {
         let now = crate::domain::now();
         let ledger = match self.ledger() {
             Ok(ledger) => ledger,
@@ -537,19 +531,16 @@ impl Ledger {
                 // The first answer was the reservation in its initial state.
                 let mut first = reservation.clone();
                 first.status = ReservationStatus::initial(ledger.event.kind);
-                ledger.keys.insert(
-                    (reservation.user_id.clone(), key.clone()),
-                    KeyState::Done(first),
-                );
+                ledger
+                    .keys
+                    .insert((reservation.user_id.clone(), key.clone()), KeyState::Done(first));
             }
             if !reservation.status.is_active() {
                 continue;
             }
             ledger.count(&reservation, true);
             let mut changing = None;
-            if let (ReservationStatus::Held, Some(at)) =
-                (reservation.status, reservation.expires_at)
-            {
+            if let (ReservationStatus::Held, Some(at)) = (reservation.status, reservation.expires_at) {
                 if at <= now {
                     changing = Some(ReservationStatus::Expired);
                     overdue.push(reservation.clone());
@@ -908,11 +899,7 @@ mod tests {
             1,
             "one supervised restart"
         );
-        assert_eq!(
-            h.lifecycle.starts.load(Ordering::Relaxed),
-            2,
-            "started twice"
-        );
+        assert_eq!(h.lifecycle.starts.load(Ordering::Relaxed), 2, "started twice");
         assert_eq!(
             (after.remaining, after.held, after.sold),
             (before.remaining, before.held, before.sold)
@@ -939,8 +926,8 @@ mod tests {
     }
 
     #[actix_rt::test]
-    async fn a_failed_commit_answers_unavailable_and_reverts_the_tentative_reservation()
-    -> anyhow::Result<()> {
+    async fn a_failed_commit_answers_unavailable_and_reverts_the_tentative_reservation() -> anyhow::Result<()>
+    {
         // Arrange: the database itself refuses any batch carrying this user's row.
         let h = harness(r#"{"name":"fail","kind":"coupon","stock":3}"#).await?;
         h.db.execute_unprepared(
@@ -960,11 +947,7 @@ mod tests {
         // Assert
         assert_eq!(failed.err(), Some(Refusal::Unavailable));
         let snapshot = h.actor.send(Snapshot).await??;
-        assert_eq!(
-            (snapshot.remaining, snapshot.sold),
-            (3, 0),
-            "nothing stays taken"
-        );
+        assert_eq!((snapshot.remaining, snapshot.sold), (3, 0), "nothing stays taken");
         h.db.execute_unprepared("DROP TRIGGER poison").await?;
         let retried = h
             .actor
@@ -972,10 +955,7 @@ mod tests {
             .await?
             .outcome()
             .await?;
-        assert!(
-            !retried.replayed,
-            "the failed attempt left no idempotency record"
-        );
+        assert!(!retried.replayed, "the failed attempt left no idempotency record");
         let snapshot = h.actor.send(Snapshot).await??;
         assert_eq!((snapshot.remaining, snapshot.sold), (2, 1));
         Ok(())

@@ -149,9 +149,7 @@ impl Persister {
             if ops.is_empty() {
                 return Ok(ops.len());
             }
-            store::apply_batch(&db, backend, &ops)
-                .await
-                .map(|()| ops.len())
+            store::apply_batch(&db, backend, &ops).await.map(|()| ops.len())
         };
         ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
             let outcome = match result {
@@ -182,9 +180,7 @@ impl Persister {
         self.stats
             .commit_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        self.stats
-            .largest_batch
-            .fetch_max(writes, Ordering::Relaxed);
+        self.stats.largest_batch.fetch_max(writes, Ordering::Relaxed);
     }
 }
 

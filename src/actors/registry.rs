@@ -67,9 +67,8 @@ impl Registry {
             self.lifecycle.clone(),
             self.mailbox_capacity,
         );
-        let start = move |_: &mut Context<EventActor>| {
-            EventActor::new(id, db, persister, lifecycle, capacity)
-        };
+        let start =
+            move |_: &mut Context<EventActor>| EventActor::new(id, db, persister, lifecycle, capacity);
         let addr = match self.arbiters.get(index) {
             Some(arbiter) => Supervisor::start_in_arbiter(arbiter, start),
             None => Supervisor::start(start),

@@ -71,10 +71,7 @@ pub struct Event {
     pub updated_at: DateTime<Utc>,
 }
 
-fn check_window(
-    opens_at: Option<DateTime<Utc>>,
-    closes_at: Option<DateTime<Utc>>,
-) -> Result<(), Invalid> {
+fn check_window(opens_at: Option<DateTime<Utc>>, closes_at: Option<DateTime<Utc>>) -> Result<(), Invalid> {
     match (opens_at, closes_at) {
         (Some(open), Some(close)) if close <= open => {
             Err(Invalid::new("closes_at must be later than opens_at"))
@@ -95,9 +92,7 @@ impl EventSpec {
         }
         let per_user_limit = self.per_user_limit.unwrap_or(1);
         if !(1..=MAX_PER_USER).contains(&per_user_limit) {
-            return Err(Invalid(format!(
-                "per_user_limit must be 1 to {MAX_PER_USER}"
-            )));
+            return Err(Invalid(format!("per_user_limit must be 1 to {MAX_PER_USER}")));
         }
         let max_per_request = self.max_per_request.unwrap_or(per_user_limit);
         if !(1..=per_user_limit).contains(&max_per_request) {
@@ -105,9 +100,7 @@ impl EventSpec {
         }
         let hold_seconds = self.hold_seconds.unwrap_or(DEFAULT_HOLD_SECONDS);
         if !(1..=MAX_HOLD_SECONDS).contains(&hold_seconds) {
-            return Err(Invalid(format!(
-                "hold_seconds must be 1 to {MAX_HOLD_SECONDS}"
-            )));
+            return Err(Invalid(format!("hold_seconds must be 1 to {MAX_HOLD_SECONDS}")));
         }
         check_window(self.opens_at, self.closes_at)?;
         Ok(Event {
@@ -289,9 +282,7 @@ mod tests {
         };
         assert!(event.patched(&lower(6), inventory, Utc::now()).is_err());
         assert_eq!(
-            event
-                .patched(&lower(7), inventory, Utc::now())
-                .map(|e| e.stock),
+            event.patched(&lower(7), inventory, Utc::now()).map(|e| e.stock),
             Ok(7)
         );
     }

@@ -71,9 +71,7 @@ impl fmt::Display for ReservationId {
 /// Checks an opaque client token: 1..=`max` visible ASCII characters (no spaces, no controls).
 fn visible_token(raw: &str, max: usize, what: &str) -> Result<(), Invalid> {
     if raw.is_empty() || raw.len() > max {
-        return Err(Invalid(format!(
-            "{what} must be 1 to {max} characters long"
-        )));
+        return Err(Invalid(format!("{what} must be 1 to {max} characters long")));
     }
     if !raw.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Invalid(format!(

@@ -19,11 +19,7 @@ impl Quantity {
             .ok()
             .filter(|q| (1..=MAX_PER_USER).contains(q))
             .map(Self)
-            .ok_or_else(|| {
-                Invalid(format!(
-                    "quantity must be an integer from 1 to {MAX_PER_USER}"
-                ))
-            })
+            .ok_or_else(|| Invalid(format!("quantity must be an integer from 1 to {MAX_PER_USER}")))
     }
 
     pub fn get(self) -> u32 {

@@ -48,18 +48,13 @@ async fn create(
         event,
     };
     let mut response = json(StatusCode::CREATED, &snapshot);
-    if let Ok(location) =
-        header::HeaderValue::from_str(&format!("/v1/events/{}", snapshot.event.id))
-    {
+    if let Ok(location) = header::HeaderValue::from_str(&format!("/v1/events/{}", snapshot.event.id)) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
 }
 
-async fn read(
-    path: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+async fn read(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let actor = super::reservations::event_actor(&state, event_id(&path)?).await?;
     let snapshot = actor.send(Snapshot).await??;
     Ok(json(StatusCode::OK, &snapshot))

@@ -29,9 +29,9 @@ impl FromRequest for User {
                 Code::MissingUser,
                 "X-User-Id may contain only visible ASCII characters.",
             )),
-            Some(Ok(raw)) => UserId::parse(raw).map(User).map_err(|e| {
-                ApiError::new(Code::MissingUser, format!("X-User-Id is malformed: {e}."))
-            }),
+            Some(Ok(raw)) => UserId::parse(raw)
+                .map(User)
+                .map_err(|e| ApiError::new(Code::MissingUser, format!("X-User-Id is malformed: {e}."))),
         };
         ready(parsed)
     }
@@ -100,8 +100,7 @@ impl FromRequest for IdemKey {
 }
 
 pub fn event_id(raw: &str) -> Result<EventId, ApiError> {
-    EventId::parse(raw)
-        .ok_or_else(|| ApiError::new(Code::EventNotFound, format!("No event has id {raw:?}.")))
+    EventId::parse(raw).ok_or_else(|| ApiError::new(Code::EventNotFound, format!("No event has id {raw:?}.")))
 }
 
 pub fn reservation_id(raw: &str) -> Result<ReservationId, ApiError> {
@@ -137,12 +136,7 @@ pub async fn json_body<T: DeserializeOwned>(
         .to_bytes_limited(limit)
         .await
         .map_err(|_| too_large())?
-        .map_err(|e| {
-            ApiError::new(
-                Code::BadRequest,
-                format!("The body could not be read: {e}."),
-            )
-        })?;
+        .map_err(|e| ApiError::new(Code::BadRequest, format!("The body could not be read: {e}.")))?;
     if bytes.is_empty() {
         return Ok(None);
     }
@@ -152,8 +146,7 @@ pub async fn json_body<T: DeserializeOwned>(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<mime::Mime>().ok())
         .is_some_and(|m| {
-            m.type_() == mime::APPLICATION
-                && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
+            m.type_() == mime::APPLICATION && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
         });
     if !is_json {
         return Err(ApiError::new(

@@ -46,11 +46,7 @@ pub async fn not_found() -> HttpResponse {
 
 /// The answer to a known path with a method it does not take.
 async fn method_not_allowed() -> HttpResponse {
-    ApiError::new(
-        Code::MethodNotAllowed,
-        "This path does not accept this method.",
-    )
-    .error_response()
+    ApiError::new(Code::MethodNotAllowed, "This path does not accept this method.").error_response()
 }
 
 /// A resource whose other methods get a problem+json 405.
@@ -60,9 +56,7 @@ fn resource(path: &str) -> actix_web::Resource {
 
 /// Turns any error response that is not already problem+json into one, so clients see a single
 /// error shape whatever produced the error.
-pub fn problem_safety_net<B>(
-    res: ServiceResponse<B>,
-) -> actix_web::Result<ErrorHandlerResponse<B>> {
+pub fn problem_safety_net<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandlerResponse<B>> {
     let is_problem = res
         .headers()
         .get(CONTENT_TYPE)
@@ -99,12 +93,8 @@ impl From<Refusal> for ApiError {
             Refusal::InsufficientStock { remaining } => {
                 ApiError::new(Code::InsufficientStock, detail).with("remaining", remaining)
             }
-            Refusal::LimitReached { limit } => {
-                ApiError::new(Code::LimitReached, detail).with("limit", limit)
-            }
-            Refusal::NotOpen(at) => {
-                ApiError::new(Code::NotOpen, detail).with("opens_at", at.to_rfc3339())
-            }
+            Refusal::LimitReached { limit } => ApiError::new(Code::LimitReached, detail).with("limit", limit),
+            Refusal::NotOpen(at) => ApiError::new(Code::NotOpen, detail).with("opens_at", at.to_rfc3339()),
             Refusal::Closed => ApiError::new(Code::Closed, detail),
             Refusal::QuantityOverMax { max } => {
                 ApiError::new(Code::InvalidQuantity, detail).with("max_per_request", max)
@@ -114,9 +104,7 @@ impl From<Refusal> for ApiError {
             Refusal::KeyInFlight => ApiError::new(Code::IdempotencyInFlight, detail),
             Refusal::KeyReused { .. } => ApiError::new(Code::IdempotencyKeyReused, detail),
             Refusal::InvalidPatch(_) => ApiError::new(Code::InvalidEvent, detail),
-            Refusal::UnknownReservation => {
-                ApiError::new(Code::ReservationNotFound, "No such reservation.")
-            }
+            Refusal::UnknownReservation => ApiError::new(Code::ReservationNotFound, "No such reservation."),
             Refusal::EventGone => ApiError::new(Code::EventNotFound, "No such event."),
             Refusal::Unavailable => ApiError::unavailable(detail),
         }

@@ -30,10 +30,7 @@ struct ReserveBody {
     quantity: Option<i64>,
 }
 
-pub(super) async fn event_actor(
-    state: &AppState,
-    id: EventId,
-) -> Result<Addr<EventActor>, ApiError> {
+pub(super) async fn event_actor(state: &AppState, id: EventId) -> Result<Addr<EventActor>, ApiError> {
     state
         .registry
         .actor(id)
@@ -58,11 +55,7 @@ async fn reserve(
     };
     let actor = event_actor(&state, id).await?;
     let reserved = actor
-        .send(Reserve {
-            user,
-            quantity,
-            key,
-        })
+        .send(Reserve { user, quantity, key })
         .await?
         .outcome()
         .await?;
@@ -81,11 +74,7 @@ async fn reserve(
 }
 
 /// The caller's reservation `raw`, or 404 whether it does not exist or belongs to someone else.
-async fn own_reservation(
-    state: &AppState,
-    raw: &str,
-    user: &UserId,
-) -> Result<Reservation, ApiError> {
+async fn own_reservation(state: &AppState, raw: &str, user: &UserId) -> Result<Reservation, ApiError> {
     let id = reservation_id(raw)?;
     find_own(state, id, user).await?.ok_or_else(|| {
         ApiError::new(
@@ -181,8 +170,5 @@ async fn mine(User(user): User, state: web::Data<AppState>) -> Result<HttpRespon
     let reservations = store::list_user_reservations(&state.db, &user, MINE_LIMIT)
         .await
         .map_err(ApiError::unavailable)?;
-    Ok(json(
-        StatusCode::OK,
-        &json!({ "reservations": reservations }),
-    ))
+    Ok(json(StatusCode::OK, &json!({ "reservations": reservations })))
 }

@@ -7,9 +7,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use entity::{events, reservations};
 use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, IntoActiveModel, QueryFilter, TransactionTrait,
-};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, IntoActiveModel, QueryFilter, TransactionTrait};
 
 use super::Backend;
 use super::convert::{event_to_row, reservation_to_row};
@@ -35,11 +33,7 @@ const RESERVATION_COLUMNS: usize = 9;
 /// Applies `ops` in one transaction, in order: inserts, then status changes, then event updates.
 /// why that order is safe: an actor never changes a reservation before its insert committed, and
 /// never submits two changes to one reservation at once.
-pub async fn apply_batch(
-    db: &DatabaseConnection,
-    backend: Backend,
-    ops: &[WriteOp],
-) -> anyhow::Result<()> {
+pub async fn apply_batch(db: &DatabaseConnection, backend: Backend, ops: &[WriteOp]) -> anyhow::Result<()> {
     let now: DateTime<Utc> = crate::domain::now();
     let mut inserts = Vec::new();
     let mut status_changes: HashMap<ReservationStatus, Vec<uuid::Uuid>> = HashMap::new();
@@ -47,9 +41,7 @@ pub async fn apply_batch(
     for op in ops {
         match op {
             WriteOp::Insert(r) => inserts.push(reservation_to_row(r).into_active_model()),
-            WriteOp::SetStatus { id, status } => {
-                status_changes.entry(*status).or_default().push(id.get())
-            }
+            WriteOp::SetStatus { id, status } => status_changes.entry(*status).or_default().push(id.get()),
             WriteOp::UpdateEvent(e) => event_updates.push(event_to_row(e).into_active_model()),
         }
     }
@@ -70,9 +62,7 @@ pub async fn apply_batch(
                 .filter(reservations::Column::Id.is_in(chunk.iter().copied()))
                 .exec(&txn)
                 .await
-                .with_context(|| {
-                    format!("marking {} reservations {}", chunk.len(), status.as_str())
-                })?;
+                .with_context(|| format!("marking {} reservations {}", chunk.len(), status.as_str()))?;
         }
     }
     for row in event_updates {

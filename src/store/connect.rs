@@ -26,9 +26,7 @@ impl Backend {
             "sqlite" => Self::Sqlite,
             "postgres" | "postgresql" => Self::Postgres,
             "mysql" | "mariadb" => Self::MySql,
-            _ => bail!(
-                "unsupported database URL scheme {scheme:?}: use sqlite:, postgres: or mysql:"
-            ),
+            _ => bail!("unsupported database URL scheme {scheme:?}: use sqlite:, postgres: or mysql:"),
         })
     }
 
@@ -63,9 +61,8 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Database
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
             {
-                std::fs::create_dir_all(dir).with_context(|| {
-                    format!("creating the database directory {}", dir.display())
-                })?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating the database directory {}", dir.display()))?;
             }
             let pool = pool(max_connections)
                 .connect_with(options)

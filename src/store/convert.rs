@@ -5,13 +5,12 @@ use anyhow::{Context, anyhow};
 use entity::{events, reservations};
 
 use crate::domain::{
-    Event, EventId, EventKind, IdempotencyKey, Reservation, ReservationId, ReservationStatus,
-    UserId,
+    Event, EventId, EventKind, IdempotencyKey, Reservation, ReservationId, ReservationStatus, UserId,
 };
 
 pub fn event_from_row(row: events::Model) -> anyhow::Result<Event> {
-    let kind = EventKind::parse(&row.kind)
-        .ok_or_else(|| anyhow!("event {} has kind {:?}", row.id, row.kind))?;
+    let kind =
+        EventKind::parse(&row.kind).ok_or_else(|| anyhow!("event {} has kind {:?}", row.id, row.kind))?;
     Ok(Event {
         id: EventId::from_db(row.id),
         name: row.name,
@@ -49,8 +48,7 @@ pub fn event_to_row(event: &Event) -> events::Model {
 pub fn reservation_from_row(row: reservations::Model) -> anyhow::Result<Reservation> {
     let status = ReservationStatus::parse(&row.status)
         .ok_or_else(|| anyhow!("reservation {} has status {:?}", row.id, row.status))?;
-    let user_id =
-        UserId::parse(&row.user_id).map_err(|e| anyhow!("reservation {}: {e}", row.id))?;
+    let user_id = UserId::parse(&row.user_id).map_err(|e| anyhow!("reservation {}: {e}", row.id))?;
     let idempotency_key = row
         .idempotency_key
         .as_deref()

@@ -10,6 +10,5 @@ mod queries;
 pub use batch::{WriteOp, apply_batch};
 pub use connect::{Backend, connect, migrate};
 pub use queries::{
-    EventState, create_event, find_event, find_reservation, list_user_reservations,
-    load_event_state, ping,
+    EventState, create_event, find_event, find_reservation, list_user_reservations, load_event_state, ping,
 };

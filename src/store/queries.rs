@@ -40,10 +40,7 @@ pub struct EventState {
     pub reservations: Vec<Reservation>,
 }
 
-pub async fn load_event_state(
-    db: &impl ConnectionTrait,
-    id: EventId,
-) -> anyhow::Result<Option<EventState>> {
+pub async fn load_event_state(db: &impl ConnectionTrait, id: EventId) -> anyhow::Result<Option<EventState>> {
     let Some(row) = events::Entity::find_by_id(id.get())
         .one(db)
         .await
