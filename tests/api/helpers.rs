@@ -1,0 +1,874 @@
+//! The harness every API test uses: a real `firstcome` process on port 0 with its own fresh
+//! database ([`TestApp::spawn`]), a small typed client for the routes, direct SQL reads of what
+//! is durable ([`TestDb::reservations`]), and the stampede driver with its exactness check.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use reqwest::header::HeaderMap;
+use reqwest::{Client, Method, RequestBuilder, StatusCode};
+use serde_json::{Value, json};
+use sqlx::Connection;
+use tokio::sync::{OnceCell, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use uuid::Uuid;
+
+/// The admin bearer token every test server is started with.
+pub const ADMIN_TOKEN: &str = "integration-test-admin-token";
+
+/// How long a server may take to migrate and print its port.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound on any single HTTP exchange, so no test can hang on a stuck server.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const DEFAULT_MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/";
+
+/// Generates one `#[tokio::test]` per backend for each named scenario — an
+/// `async fn(Backend) -> anyhow::Result<()>` in the calling module — inside modules `sqlite`,
+/// `postgres` and `mysql`, so a test's name says where it ran and a filter on the scenario's
+/// name runs it on all three.
+macro_rules! on_every_backend {
+    ($($scenario:ident),+ $(,)?) => {
+        on_every_backend!(@one sqlite, Sqlite, $($scenario),+);
+        on_every_backend!(@one postgres, Postgres, $($scenario),+);
+        on_every_backend!(@one mysql, MySql, $($scenario),+);
+    };
+    (@one $module:ident, $backend:ident, $($scenario:ident),+) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario($crate::helpers::Backend::$backend).await
+                }
+            )+
+        }
+    };
+}
+
+// why: the machine has two cores. A stampede saturates both; a timing assertion (a hold must
+// come back within 250 ms of its expiry) measured beside one would fail for reasons that have
+// nothing to do with the server. Heavy tests run alone; timing tests share only with light ones.
+static MACHINE: LazyLock<RwLock<()>> = LazyLock::new(|| RwLock::new(()));
+
+/// Taken by tests that load the whole machine (stampedes, kill -9 under load): they run alone.
+pub async fn exclusive_machine() -> RwLockWriteGuard<'static, ()> {
+    MACHINE.write().await
+}
+
+/// Taken by tests that assert on timing: they never run beside a heavy test.
+pub async fn quiet_machine() -> RwLockReadGuard<'static, ()> {
+    MACHINE.read().await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Databases
+// ---------------------------------------------------------------------------------------------
+
+enum Pool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+    MySql(sqlx::MySqlPool),
+}
+
+/// One `reservations` row as the database holds it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: Uuid,
+    pub user_id: String,
+    pub quantity: i64,
+    pub status: String,
+    pub idempotency_key: Option<String>,
+}
+
+impl Row {
+    /// Still counts against stock.
+    pub fn is_active(&self) -> bool {
+        matches!(self.status.as_str(), "issued" | "redeemed" | "held" | "confirmed")
+    }
+}
+
+/// Rows and units of `rows` that still count against stock.
+pub fn active_units(rows: &[Row]) -> (usize, i64) {
+    rows.iter()
+        .filter(|r| r.is_active())
+        .fold((0, 0), |(n, units), r| (n + 1, units + r.quantity))
+}
+
+/// A database of its own for one test: a SQLite file in a temporary directory, or a freshly
+/// created PostgreSQL / MySQL database, dropped again when the test ends.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    /// Server URL and database name to drop at the end (PostgreSQL and MySQL).
+    created: Option<(String, String)>,
+    pool: OnceCell<Pool>,
+    /// Holds the SQLite file and the server logs.
+    dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    pub async fn create(backend: Backend) -> anyhow::Result<TestDb> {
+        let dir = tempfile::tempdir().context("creating a temporary directory")?;
+        let name = format!("fc_{}", Uuid::now_v7().simple());
+        let (url, created) = match backend {
+            Backend::Sqlite => {
+                let path = dir.path().join("firstcome.db");
+                (format!("sqlite://{}", path.display()), None)
+            }
+            Backend::Postgres | Backend::MySql => {
+                let server = server_url(backend);
+                let mut url = url::Url::parse(&server)
+                    .with_context(|| format!("parsing the database server URL {server}"))?;
+                url.set_path(&format!("/{name}"));
+                run_on_server(backend, &server, &format!("CREATE DATABASE {name}"))
+                    .await
+                    .with_context(|| format!("creating database {name} on {server}"))?;
+                (url.to_string(), Some((server, name)))
+            }
+        };
+        Ok(TestDb {
+            backend,
+            url,
+            created,
+            pool: OnceCell::new(),
+            dir,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A small pool of our own, opened on first use (after the server created the schema).
+    async fn pool(&self) -> anyhow::Result<&Pool> {
+        self.pool
+            .get_or_try_init(|| async {
+                let pool = match self.backend {
+                    Backend::Sqlite => Pool::Sqlite(
+                        sqlx::sqlite::SqlitePoolOptions::new()
+                            .max_connections(2)
+                            .connect(&self.url)
+                            .await?,
+                    ),
+                    Backend::Postgres => Pool::Postgres(
+                        sqlx::postgres::PgPoolOptions::new()
+                            .max_connections(2)
+                            .connect(&self.url)
+                            .await?,
+                    ),
+                    Backend::MySql => Pool::MySql(
+                        sqlx::mysql::MySqlPoolOptions::new()
+                            .max_connections(2)
+                            .connect(&self.url)
+                            .await?,
+                    ),
+                };
+                anyhow::Ok(pool)
+            })
+            .await
+            .with_context(|| format!("opening a test pool on {}", self.url))
+    }
+
+    /// Every reservation row of `event_id`, read straight from the database.
+    pub async fn reservations(&self, event_id: i64) -> anyhow::Result<Vec<Row>> {
+        type Raw = (String, String, i32, String, Option<String>);
+        let raw: Vec<Raw> = match self.pool().await? {
+            Pool::Sqlite(pool) => {
+                sqlx::query_as(
+                    "SELECT lower(hex(id)), user_id, quantity, status, idempotency_key \
+                     FROM reservations WHERE event_id = ?",
+                )
+                .bind(event_id)
+                .fetch_all(pool)
+                .await
+            }
+            Pool::Postgres(pool) => {
+                sqlx::query_as(
+                    "SELECT id::text, user_id, quantity, status, idempotency_key \
+                     FROM reservations WHERE event_id = $1",
+                )
+                .bind(event_id)
+                .fetch_all(pool)
+                .await
+            }
+            Pool::MySql(pool) => {
+                sqlx::query_as(
+                    "SELECT CAST(lower(hex(id)) AS CHAR), user_id, quantity, status, \
+                     idempotency_key FROM reservations WHERE event_id = ?",
+                )
+                .bind(event_id)
+                .fetch_all(pool)
+                .await
+            }
+        }
+        .with_context(|| format!("reading the reservations of event {event_id}"))?;
+        raw.into_iter()
+            .map(|(id, user_id, quantity, status, idempotency_key)| {
+                Ok(Row {
+                    id: Uuid::parse_str(&id).with_context(|| format!("row id {id:?}"))?,
+                    user_id,
+                    quantity: i64::from(quantity),
+                    status,
+                    idempotency_key,
+                })
+            })
+            .collect()
+    }
+
+    /// How many rows the `events` table holds.
+    pub async fn event_count(&self) -> anyhow::Result<i64> {
+        let sql = "SELECT count(*) FROM events";
+        let count = match self.pool().await? {
+            Pool::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Pool::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Pool::MySql(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        };
+        count.context("counting events")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((server, name)) = self.created.take() else {
+            return;
+        };
+        let backend = self.backend;
+        // why: Drop cannot await; a one-off runtime on its own thread drops the database.
+        let dropping = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let sql = match backend {
+                Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                _ => format!("DROP DATABASE IF EXISTS {name}"),
+            };
+            runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), run_on_server(backend, &server, &sql)).await
+            })??;
+            anyhow::Ok(())
+        });
+        if let Ok(Err(error)) = dropping.join() {
+            eprintln!("could not drop the test database: {error:#}");
+        }
+    }
+}
+
+fn server_url(backend: Backend) -> String {
+    let (var, default) = match backend {
+        Backend::Postgres => ("FIRSTCOME_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL),
+        _ => ("FIRSTCOME_TEST_MYSQL_URL", DEFAULT_MYSQL_URL),
+    };
+    std::env::var(var).unwrap_or_else(|_| default.to_owned())
+}
+
+/// Runs one administrative statement (CREATE / DROP DATABASE) on a database server.
+async fn run_on_server(backend: Backend, server: &str, sql: &str) -> anyhow::Result<()> {
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    match backend {
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(server).await?;
+            sqlx::raw_sql(sql).execute(&mut conn).await?;
+            conn.close().await?;
+        }
+        Backend::MySql => {
+            let mut conn = sqlx::MySqlConnection::connect(server).await?;
+            sqlx::raw_sql(sql).execute(&mut conn).await?;
+            conn.close().await?;
+        }
+        Backend::Sqlite => {}
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server process
+// ---------------------------------------------------------------------------------------------
+
+/// A running `firstcome serve`; killed (SIGKILL) and reaped when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    async fn start(database_url: &str, args: &[String], log: &Path) -> anyhow::Result<Server> {
+        let stderr = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening the server log {}", log.display()))?;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_firstcome"));
+        command
+            .args(["serve", "--bind", "127.0.0.1:0", "--database-url", database_url])
+            .args(args)
+            .env("FIRSTCOME_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        // why: settings from the developer's environment must not leak into the test servers.
+        for (name, _) in std::env::vars() {
+            if name.starts_with("FIRSTCOME_") && name != "FIRSTCOME_ADMIN_TOKEN" || name == "DATABASE_URL" {
+                command.env_remove(name);
+            }
+        }
+        let child = command.spawn().context("starting the firstcome binary")?;
+        let mut server = Server { child, port: 0 };
+        let stdout = server.child.stdout.take().context("no stdout pipe")?;
+        let (first_line, line) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut first_line = Some(first_line);
+            // why: keep reading until the process ends, so stdout can never fill and block it.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(tx) = first_line.take() {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match tokio::time::timeout(STARTUP_TIMEOUT, line).await {
+            Ok(Ok(line)) => line,
+            Ok(Err(_)) => bail!(
+                "the server exited before listening; its log ends with:\n{}",
+                log_tail(log, 30)
+            ),
+            Err(_) => bail!(
+                "the server did not print its port within {STARTUP_TIMEOUT:?}; log:\n{}",
+                log_tail(log, 30)
+            ),
+        };
+        server.port = line
+            .strip_prefix("firstcome listening on http://127.0.0.1:")
+            .and_then(|port| port.trim().parse().ok())
+            .with_context(|| format!("unexpected first stdout line {line:?}"))?;
+        Ok(server)
+    }
+
+    fn kill(&mut self) {
+        // Child::kill is SIGKILL on Unix: kill -9, no chance to flush or finish anything.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last `lines` lines of a log file, for failure messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let Ok(file) = File::open(path) else {
+        return format!("(no log at {})", path.display());
+    };
+    let all: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The application under test
+// ---------------------------------------------------------------------------------------------
+
+/// A server on its own database, and a client for it. Fields drop in order: the server is
+/// killed before its database is dropped.
+pub struct TestApp {
+    server: Option<Server>,
+    pub db: TestDb,
+    pub client: Client,
+    /// `http://127.0.0.1:<port>` of the current server process (it changes on restart).
+    pub address: String,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl TestApp {
+    /// A fresh database on `backend` and a server on it with default settings.
+    pub async fn spawn(backend: Backend) -> anyhow::Result<TestApp> {
+        TestApp::spawn_with(backend, &[]).await
+    }
+
+    /// Like [`TestApp::spawn`], with extra `serve` flags (kept across restarts).
+    pub async fn spawn_with(backend: Backend, args: &[&str]) -> anyhow::Result<TestApp> {
+        let db = TestDb::create(backend).await?;
+        let log = db.dir().join("server.log");
+        let client = Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(20))
+            .build()
+            .context("building the HTTP client")?;
+        let mut app = TestApp {
+            server: None,
+            db,
+            client,
+            address: String::new(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            log,
+        };
+        app.start().await?;
+        Ok(app)
+    }
+
+    /// Starts a server process on this app's database (after [`TestApp::kill`]).
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        let server = Server::start(&self.db.url, &self.args, &self.log).await?;
+        self.address = format!("http://127.0.0.1:{}", server.port);
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// kill -9 of the server process; requests in flight get no answer.
+    pub fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            server.kill();
+        }
+    }
+
+    /// kill -9, then a new process on the same database (on a new port).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.start().await
+    }
+
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log, 40)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, self.url(path))
+    }
+
+    /// A request carrying the admin bearer token.
+    pub fn admin(&self, method: Method, path: &str) -> RequestBuilder {
+        self.request(method, path).bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// A request made by user `user` (the `X-User-Id` header).
+    pub fn as_user(&self, method: Method, path: &str, user: &str) -> RequestBuilder {
+        self.request(method, path).header("x-user-id", user)
+    }
+
+    /// Creates an event from `spec`; anything but 201 is an error.
+    pub async fn create_event(&self, spec: Value) -> anyhow::Result<i64> {
+        let reply = send(self.admin(Method::POST, "/v1/events").json(&spec)).await?;
+        if reply.status != StatusCode::CREATED {
+            bail!("creating event {spec} answered {reply}");
+        }
+        reply.body["id"]
+            .as_i64()
+            .with_context(|| format!("no id in {reply}"))
+    }
+
+    /// A coupon event that is open now.
+    pub async fn coupon_event(&self, stock: u64, per_user_limit: u32) -> anyhow::Result<i64> {
+        self.create_event(json!({
+            "name": "coupon drop", "kind": "coupon", "stock": stock,
+            "per_user_limit": per_user_limit,
+        }))
+        .await
+    }
+
+    /// A ticket event that is open now.
+    pub async fn ticket_event(
+        &self,
+        stock: u64,
+        per_user_limit: u32,
+        hold_seconds: u32,
+    ) -> anyhow::Result<i64> {
+        self.create_event(json!({
+            "name": "ticket drop", "kind": "ticket", "stock": stock,
+            "per_user_limit": per_user_limit, "hold_seconds": hold_seconds,
+        }))
+        .await
+    }
+
+    pub async fn get_event(&self, event_id: i64) -> anyhow::Result<Reply> {
+        send(self.request(Method::GET, &format!("/v1/events/{event_id}"))).await
+    }
+
+    /// The event's live counts; fails unless it answers 200 and the counts add up to the stock.
+    pub async fn counts(&self, event_id: i64) -> anyhow::Result<Counts> {
+        let reply = self.get_event(event_id).await?;
+        if reply.status != StatusCode::OK {
+            bail!("GET event {event_id} answered {reply}");
+        }
+        let number = |member: &str| {
+            reply.body[member]
+                .as_i64()
+                .with_context(|| format!("no {member} in {reply}"))
+        };
+        let counts = Counts {
+            stock: number("stock")?,
+            remaining: number("remaining")?,
+            held: number("held")?,
+            sold: number("sold")?,
+            status: reply.body["status"].as_str().unwrap_or_default().to_owned(),
+        };
+        if counts.remaining + counts.held + counts.sold != counts.stock
+            || counts.remaining < 0
+            || counts.held < 0
+            || counts.sold < 0
+        {
+            bail!("conservation broken: {counts:?}");
+        }
+        Ok(counts)
+    }
+
+    pub async fn patch_event(&self, event_id: i64, patch: Value) -> anyhow::Result<Reply> {
+        send(
+            self.admin(Method::PATCH, &format!("/v1/events/{event_id}"))
+                .json(&patch),
+        )
+        .await
+    }
+
+    /// `POST /v1/events/{id}/reservations` as `user`, with `{"quantity": q}` or no body.
+    pub async fn reserve(
+        &self,
+        event_id: i64,
+        user: &str,
+        quantity: Option<i64>,
+        key: Option<&str>,
+    ) -> anyhow::Result<Reply> {
+        let path = format!("/v1/events/{event_id}/reservations");
+        let mut request = self.as_user(Method::POST, &path, user);
+        if let Some(quantity) = quantity {
+            request = request.json(&json!({ "quantity": quantity }));
+        }
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        send(request).await
+    }
+
+    /// Reserves and fails unless the answer is 201; returns the reservation.
+    pub async fn reserve_ok(
+        &self,
+        event_id: i64,
+        user: &str,
+        quantity: Option<i64>,
+    ) -> anyhow::Result<Value> {
+        let reply = self.reserve(event_id, user, quantity, None).await?;
+        if reply.status != StatusCode::CREATED {
+            bail!("reserving {quantity:?} of event {event_id} as {user} answered {reply}");
+        }
+        Ok(reply.body)
+    }
+
+    pub async fn get_reservation(&self, id: &str, user: &str) -> anyhow::Result<Reply> {
+        send(self.as_user(Method::GET, &format!("/v1/reservations/{id}"), user)).await
+    }
+
+    pub async fn confirm(&self, id: &str, user: &str) -> anyhow::Result<Reply> {
+        let path = format!("/v1/reservations/{id}/confirm");
+        send(self.as_user(Method::POST, &path, user)).await
+    }
+
+    pub async fn cancel(&self, id: &str, user: &str) -> anyhow::Result<Reply> {
+        let path = format!("/v1/reservations/{id}/cancel");
+        send(self.as_user(Method::POST, &path, user)).await
+    }
+
+    pub async fn my_reservations(&self, user: &str) -> anyhow::Result<Reply> {
+        send(self.as_user(Method::GET, "/v1/me/reservations", user)).await
+    }
+}
+
+/// An event's live counts as `GET /v1/events/{id}` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub stock: i64,
+    pub remaining: i64,
+    pub held: i64,
+    pub sold: i64,
+    pub status: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP answer, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The body as JSON, or `Value::Null` when it is empty or not JSON.
+    pub body: Value,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The problem's `code` member, if this is an error body.
+    pub fn code(&self) -> Option<&str> {
+        self.body["code"].as_str()
+    }
+
+    /// The `id` member as a string (reservations).
+    pub fn id(&self) -> Option<&str> {
+        self.body["id"].as_str()
+    }
+
+    /// Why this is not the RFC 9457 problem `status`/`code` it should be, if it is not.
+    pub fn problem_mismatch(&self, status: u16, code: &str) -> Option<String> {
+        let content_type = self.header("content-type").unwrap_or_default();
+        let shape_ok = ["type", "title", "detail"]
+            .iter()
+            .all(|m| self.body[*m].is_string())
+            && self.body["status"].as_u64() == Some(u64::from(self.status.as_u16()));
+        (self.status.as_u16() != status
+            || self.code() != Some(code)
+            || content_type != "application/problem+json"
+            || !shape_ok)
+            .then(|| format!("expected {status} {code} as problem+json, got {self}"))
+    }
+
+    /// Panics unless this is the problem `status`/`code`.
+    #[track_caller]
+    pub fn assert_problem(&self, status: u16, code: &str) {
+        if let Some(mismatch) = self.problem_mismatch(status, code) {
+            panic!("{mismatch}");
+        }
+    }
+
+    #[track_caller]
+    pub fn assert_status(&self, status: u16) {
+        assert_eq!(self.status.as_u16(), status, "expected {status}, got {self}");
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let content_type = self.header("content-type").unwrap_or("-");
+        write!(f, "{} [{content_type}] {}", self.status, self.text)
+    }
+}
+
+pub async fn send(request: RequestBuilder) -> anyhow::Result<Reply> {
+    let response = request.send().await.context("sending a request")?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let text = response.text().await.context("reading a response body")?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Ok(Reply {
+        status,
+        headers,
+        body,
+        text,
+    })
+}
+
+/// Parses an RFC 3339 timestamp member such as `expires_at`.
+pub fn timestamp(value: &Value) -> anyhow::Result<DateTime<Utc>> {
+    let raw = value.as_str().with_context(|| format!("{value} is no string"))?;
+    Ok(DateTime::parse_from_rfc3339(raw)
+        .with_context(|| format!("{raw:?} is no timestamp"))?
+        .with_timezone(&Utc))
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(found) = check().await? {
+            return Ok(found);
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stampedes
+// ---------------------------------------------------------------------------------------------
+
+/// A claim the server granted (201).
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub user: String,
+    pub id: Uuid,
+}
+
+/// How every request of a stampede ended.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub requests: usize,
+    pub granted: Vec<Grant>,
+    /// Every other HTTP answer, by `"<status> <code>"`.
+    pub refused: BTreeMap<String, usize>,
+    /// Requests that got no (complete) HTTP answer.
+    pub unanswered: Vec<String>,
+    /// The slowest answer, for the failure messages.
+    pub slowest: Duration,
+}
+
+impl Outcome {
+    pub fn refused(&self, key: &str) -> usize {
+        self.refused.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// Many users claiming one unit each of one event, all released at the same instant.
+pub struct Stampede {
+    client: Client,
+    url: String,
+    users: Vec<String>,
+    /// Incremented as each request ends (answered or not), so a test can act mid-stampede.
+    pub finished: Arc<AtomicUsize>,
+}
+
+impl Stampede {
+    /// `users` each send one `POST {address}/v1/events/{event_id}/reservations` with no body.
+    pub fn new(client: &Client, address: &str, event_id: i64, users: Vec<String>) -> Stampede {
+        Stampede {
+            client: client.clone(),
+            url: format!("{address}/v1/events/{event_id}/reservations"),
+            users,
+            finished: Arc::default(),
+        }
+    }
+
+    /// `count` distinct user names starting with `prefix`.
+    pub fn users(prefix: &str, count: usize) -> Vec<String> {
+        (0..count).map(|i| format!("{prefix}-{i}")).collect()
+    }
+
+    pub async fn run(self) -> Outcome {
+        let requests = self.users.len();
+        // why: every request is built and parked first, then all are released together, so the
+        // server sees one burst rather than a ramp.
+        let start = Arc::new(tokio::sync::Barrier::new(requests));
+        let tasks: Vec<_> = self
+            .users
+            .into_iter()
+            .map(|user| {
+                let (client, url, start, finished) = (
+                    self.client.clone(),
+                    self.url.clone(),
+                    start.clone(),
+                    self.finished.clone(),
+                );
+                tokio::spawn(async move {
+                    let request = client.post(&url).header("x-user-id", &user);
+                    start.wait().await;
+                    let began = Instant::now();
+                    let reply = send(request).await;
+                    finished.fetch_add(1, Ordering::Relaxed);
+                    (user, reply, began.elapsed())
+                })
+            })
+            .collect();
+        let mut outcome = Outcome {
+            requests,
+            ..Outcome::default()
+        };
+        for task in tasks {
+            let (user, reply, took) = match task.await {
+                Ok(done) => done,
+                Err(error) => {
+                    outcome.unanswered.push(format!("task failed: {error}"));
+                    continue;
+                }
+            };
+            outcome.slowest = outcome.slowest.max(took);
+            match reply {
+                Ok(reply) if reply.status == StatusCode::CREATED => {
+                    match reply.id().and_then(|id| Uuid::parse_str(id).ok()) {
+                        Some(id) => outcome.granted.push(Grant { user, id }),
+                        None => outcome
+                            .unanswered
+                            .push(format!("201 without a reservation id: {reply}")),
+                    }
+                }
+                Ok(reply) => {
+                    let key = format!("{} {}", reply.status.as_u16(), reply.code().unwrap_or("-"));
+                    *outcome.refused.entry(key).or_default() += 1;
+                }
+                Err(error) => outcome.unanswered.push(format!("{error:#}")),
+            }
+        }
+        outcome
+    }
+}
+
+/// Checks a stampede in which each client asked for one of `units` units: exactly `units`
+/// granted, each with its own reservation id and to its own user, every other client told
+/// `409 sold_out`, and every request answered. `Err` lists every violation found.
+pub fn check_exact(outcome: &Outcome, units: usize) -> Result<(), String> {
+    let mut violations = Vec::new();
+    let granted = outcome.granted.len();
+    if granted > units {
+        violations.push(format!("oversell: {granted} claims granted for {units} units"));
+    }
+    if granted < units && outcome.requests >= units {
+        violations.push(format!(
+            "undersell: only {granted} of {units} units granted to {} clients",
+            outcome.requests
+        ));
+    }
+    let ids: HashSet<Uuid> = outcome.granted.iter().map(|g| g.id).collect();
+    if ids.len() != granted {
+        violations.push(format!(
+            "double issue: {granted} grants carry only {} distinct ids",
+            ids.len()
+        ));
+    }
+    let users: HashSet<&str> = outcome.granted.iter().map(|g| g.user.as_str()).collect();
+    if users.len() != granted {
+        violations.push(format!(
+            "double issue: {granted} grants went to only {} users",
+            users.len()
+        ));
+    }
+    let sold_out = outcome.refused("409 sold_out");
+    let expected = outcome.requests.saturating_sub(units);
+    if sold_out != expected {
+        violations.push(format!(
+            "{sold_out} clients were told sold_out, expected {expected}"
+        ));
+    }
+    for (answer, count) in &outcome.refused {
+        if answer != "409 sold_out" {
+            violations.push(format!("unexpected answer {count} × {answer}"));
+        }
+    }
+    if let Some(first) = outcome.unanswered.first() {
+        violations.push(format!(
+            "{} requests got no answer, first: {first}",
+            outcome.unanswered.len()
+        ));
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(violations.join("; "))
+    }
+}
