@@ -29,7 +29,10 @@ async fn an_unconfirmed_hold_returns_to_stock_on_time_and_can_no_longer_be_confi
     let id = hold["id"].as_str().unwrap_or_default().to_owned();
     let expires_at = timestamp(&hold["expires_at"])?;
     assert_eq!(hold["status"], "held");
-    assert_eq!(expires_at - timestamp(&hold["created_at"])?, TimeDelta::seconds(1));
+    assert_eq!(
+        expires_at - timestamp(&hold["created_at"])?,
+        TimeDelta::seconds(1)
+    );
     let counts = app.counts(event).await?;
     assert_eq!((counts.remaining, counts.held, counts.sold), (3, 2, 0));
 
@@ -65,9 +68,7 @@ async fn an_unconfirmed_hold_returns_to_stock_on_time_and_can_no_longer_be_confi
     assert_eq!(rows[0].status, "expired", "the database row");
     let read = app.get_reservation(&id, "ana").await?;
     assert_eq!(read.body["status"], "expired", "{read}");
-    app.confirm(&id, "ana")
-        .await?
-        .assert_problem(409, "hold_expired");
+    app.confirm(&id, "ana").await?.assert_problem(409, "hold_expired");
     let cancel = app.cancel(&id, "ana").await?;
     cancel.assert_status(200);
     assert_eq!(cancel.body["status"], "expired", "cancelling changes nothing");
@@ -76,9 +77,7 @@ async fn an_unconfirmed_hold_returns_to_stock_on_time_and_can_no_longer_be_confi
     Ok(())
 }
 
-async fn a_hold_confirmed_before_expiry_is_sold_and_never_expires(
-    backend: Backend,
-) -> anyhow::Result<()> {
+async fn a_hold_confirmed_before_expiry_is_sold_and_never_expires(backend: Backend) -> anyhow::Result<()> {
     let _quiet = quiet_machine().await;
     // Arrange
     let app = TestApp::spawn(backend).await?;
@@ -151,9 +150,7 @@ async fn cancelling_a_hold_returns_its_units_at_once(backend: Backend) -> anyhow
     Ok(())
 }
 
-async fn a_coupon_cannot_be_confirmed_and_cancelling_revokes_it(
-    backend: Backend,
-) -> anyhow::Result<()> {
+async fn a_coupon_cannot_be_confirmed_and_cancelling_revokes_it(backend: Backend) -> anyhow::Result<()> {
     // Arrange
     let app = TestApp::spawn(backend).await?;
     let event = app.coupon_event(3, 1).await?;

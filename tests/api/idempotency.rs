@@ -17,9 +17,7 @@ on_every_backend!(
     a_key_still_replays_after_its_reservation_was_cancelled,
 );
 
-async fn retrying_with_the_same_key_replays_the_first_reservation(
-    backend: Backend,
-) -> anyhow::Result<()> {
+async fn retrying_with_the_same_key_replays_the_first_reservation(backend: Backend) -> anyhow::Result<()> {
     // Arrange
     let app = TestApp::spawn(backend).await?;
     let event = app.coupon_event(10, 1).await?;
@@ -40,9 +38,7 @@ async fn retrying_with_the_same_key_replays_the_first_reservation(
     Ok(())
 }
 
-async fn reusing_a_key_with_a_different_quantity_is_refused(
-    backend: Backend,
-) -> anyhow::Result<()> {
+async fn reusing_a_key_with_a_different_quantity_is_refused(backend: Backend) -> anyhow::Result<()> {
     // Arrange
     let app = TestApp::spawn(backend).await?;
     let event = app.ticket_event(10, 5, 600).await?;
@@ -62,9 +58,7 @@ async fn reusing_a_key_with_a_different_quantity_is_refused(
     Ok(())
 }
 
-async fn concurrent_requests_with_one_key_create_one_reservation(
-    backend: Backend,
-) -> anyhow::Result<()> {
+async fn concurrent_requests_with_one_key_create_one_reservation(backend: Backend) -> anyhow::Result<()> {
     // Arrange
     let app = TestApp::spawn(backend).await?;
     let event = app.ticket_event(100, 5, 600).await?;
@@ -108,9 +102,7 @@ async fn concurrent_requests_with_one_key_create_one_reservation(
     Ok(())
 }
 
-async fn the_same_key_from_two_users_makes_two_reservations(
-    backend: Backend,
-) -> anyhow::Result<()> {
+async fn the_same_key_from_two_users_makes_two_reservations(backend: Backend) -> anyhow::Result<()> {
     // Arrange
     let app = TestApp::spawn(backend).await?;
     let event = app.coupon_event(10, 1).await?;
@@ -128,9 +120,7 @@ async fn the_same_key_from_two_users_makes_two_reservations(
     Ok(())
 }
 
-async fn a_key_still_replays_after_its_reservation_was_cancelled(
-    backend: Backend,
-) -> anyhow::Result<()> {
+async fn a_key_still_replays_after_its_reservation_was_cancelled(backend: Backend) -> anyhow::Result<()> {
     // Arrange
     let app = TestApp::spawn(backend).await?;
     let event = app.coupon_event(10, 1).await?;

@@ -96,9 +96,7 @@ async fn the_per_user_limit_counts_units_across_requests(backend: Backend) -> an
     Ok(())
 }
 
-async fn a_quantity_above_the_events_max_per_request_is_refused(
-    backend: Backend,
-) -> anyhow::Result<()> {
+async fn a_quantity_above_the_events_max_per_request_is_refused(backend: Backend) -> anyhow::Result<()> {
     // Arrange
     let app = TestApp::spawn(backend).await?;
     let event = app

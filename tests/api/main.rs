@@ -8,7 +8,8 @@
 #[macro_use]
 mod helpers;
 
-mod stampede;
 mod holds;
 mod idempotency;
 mod limits;
+mod restart;
+mod stampede;

@@ -1,0 +1,246 @@
+//! Restarts: the database is the record. A new process on the same database (after kill -9)
+//! shows the same events and reservations, enforces the same limits, replays the same
+//! idempotent answers, and expires the same holds at the same instants. And a kill -9 in the
+//! middle of a stampede loses no acknowledged claim and strands no stock.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use crate::helpers::{
+    Backend, Stampede, TestApp, active_units, check_exact, exclusive_machine, quiet_machine, timestamp,
+};
+
+on_every_backend!(
+    a_restart_on_the_same_database_restores_the_same_state,
+    claims_acknowledged_before_a_kill_9_survive_it_and_the_rest_of_the_stock_still_sells,
+);
+
+/// Everything a client can read about a set of events and users.
+async fn everything(app: &TestApp, events: &[i64], users: &[&str]) -> anyhow::Result<Vec<Value>> {
+    let mut seen = Vec::new();
+    for event in events {
+        seen.push(app.get_event(*event).await?.body);
+    }
+    for user in users {
+        let mine = app.my_reservations(user).await?.body;
+        for reservation in mine["reservations"].as_array().into_iter().flatten() {
+            let id = reservation["id"].as_str().unwrap_or_default();
+            seen.push(app.get_reservation(id, user).await?.body);
+        }
+        seen.push(mine);
+    }
+    Ok(seen)
+}
+
+/// A replayed answer is the first answer; timestamps may come back at the database's precision
+/// (microseconds) once the answer is rebuilt from the row.
+#[track_caller]
+fn assert_same_answer(replayed: &Value, first: &Value) {
+    for member in ["id", "event_id", "user_id", "quantity", "status"] {
+        assert_eq!(replayed[member], first[member], "{member}: {replayed} vs {first}");
+    }
+    for member in ["created_at", "expires_at"] {
+        match (timestamp(&replayed[member]), timestamp(&first[member])) {
+            (Ok(a), Ok(b)) => assert!(
+                (a - b).abs() < TimeDelta::microseconds(1),
+                "{member}: {replayed} vs {first}"
+            ),
+            _ => assert_eq!(replayed[member], first[member], "{member}"),
+        }
+    }
+}
+
+async fn a_restart_on_the_same_database_restores_the_same_state(backend: Backend) -> anyhow::Result<()> {
+    let _quiet = quiet_machine().await;
+    // Arrange: coupons issued and revoked, tickets held, confirmed and cancelled.
+    let mut app = TestApp::spawn(backend).await?;
+    let coupons = app.coupon_event(10, 1).await?;
+    let tickets = app.ticket_event(10, 2, 3).await?;
+    let ana_coupon = app.reserve(coupons, "ana", None, Some("c-ana")).await?;
+    ana_coupon.assert_status(201);
+    app.reserve_ok(coupons, "ben", None).await?;
+    let cy_coupon = app.reserve_ok(coupons, "cy", None).await?;
+    app.cancel(cy_coupon["id"].as_str().unwrap_or_default(), "cy")
+        .await?
+        .assert_status(200);
+    let ana_hold = app.reserve(tickets, "ana", Some(2), Some("t-ana")).await?;
+    ana_hold.assert_status(201);
+    let ben_ticket = app.reserve_ok(tickets, "ben", Some(1)).await?;
+    app.confirm(ben_ticket["id"].as_str().unwrap_or_default(), "ben")
+        .await?
+        .assert_status(200);
+    let cy_ticket = app.reserve_ok(tickets, "cy", Some(1)).await?;
+    app.cancel(cy_ticket["id"].as_str().unwrap_or_default(), "cy")
+        .await?
+        .assert_status(200);
+    let expires_at = timestamp(&ana_hold.body["expires_at"])?;
+    let users = ["ana", "ben", "cy"];
+    let before = everything(&app, &[coupons, tickets], &users).await?;
+
+    // Act
+    app.restart().await?;
+
+    // Assert
+    let after = everything(&app, &[coupons, tickets], &users).await?;
+    assert_eq!(after, before, "what clients can read is identical");
+    let counts = app.counts(tickets).await?;
+    assert_eq!(
+        (counts.remaining, counts.held, counts.sold),
+        (7, 2, 1),
+        "ana's hold is still held"
+    );
+    let counts = app.counts(coupons).await?;
+    assert_eq!((counts.remaining, counts.sold), (8, 2));
+
+    app.reserve(coupons, "ben", None, None)
+        .await?
+        .assert_problem(409, "limit_reached");
+    app.reserve(tickets, "ana", Some(1), None)
+        .await?
+        .assert_problem(409, "limit_reached");
+    let replay = app.reserve(coupons, "ana", None, Some("c-ana")).await?;
+    replay.assert_status(201);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_same_answer(&replay.body, &ana_coupon.body);
+    let replay = app.reserve(tickets, "ana", Some(2), Some("t-ana")).await?;
+    replay.assert_status(201);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_same_answer(&replay.body, &ana_hold.body);
+    app.reserve(tickets, "ana", Some(1), Some("t-ana"))
+        .await?
+        .assert_problem(422, "idempotency_key_reused");
+
+    // The hold kept its expiry: it comes back on time, not early, not late.
+    let back_at = loop {
+        let counts = app.counts(tickets).await?;
+        let seen_at = Utc::now();
+        if counts.held == 0 {
+            break seen_at;
+        }
+        assert!(
+            seen_at < expires_at + TimeDelta::seconds(2),
+            "the hold never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(back_at >= expires_at, "the restored hold came back early");
+    assert!(
+        back_at <= expires_at + TimeDelta::milliseconds(250),
+        "the restored hold came back {} ms late",
+        (back_at - expires_at).num_milliseconds()
+    );
+    let counts = app.counts(tickets).await?;
+    assert_eq!((counts.remaining, counts.held, counts.sold), (9, 0, 1));
+    Ok(())
+}
+
+async fn claims_acknowledged_before_a_kill_9_survive_it_and_the_rest_of_the_stock_still_sells(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let _alone = exclusive_machine().await;
+    // Arrange
+    let stock = 2_000;
+    let mut app = TestApp::spawn(backend).await?;
+    let event = app.coupon_event(stock as u64, 1).await?;
+    let crowd = Stampede::users("crowd", 3_000);
+    let stampede = Stampede::new(&app.client, &app.address, event, crowd.clone());
+    let finished = stampede.finished.clone();
+    let running = tokio::spawn(stampede.run());
+
+    // Act: kill -9 once a few hundred claims are answered and the rest are in flight.
+    let few_hundred = async {
+        while finished.load(Ordering::Relaxed) < 300 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), few_hundred).await?;
+    app.kill();
+    let outcome = tokio::time::timeout(Duration::from_secs(120), running).await??;
+    app.start().await?;
+
+    // Assert
+    assert!(
+        !outcome.unanswered.is_empty(),
+        "the kill should have cut off requests in flight ({} granted, {:?})",
+        outcome.granted.len(),
+        outcome.refused
+    );
+    assert!(
+        outcome
+            .refused
+            .keys()
+            .all(|answer| !answer.starts_with('5') || answer == "503 unavailable"),
+        "{:?}",
+        outcome.refused
+    );
+    let rows = app.db.reservations(event).await?;
+    let by_id: HashMap<_, _> = rows.iter().map(|r| (r.id, r)).collect();
+    for grant in &outcome.granted {
+        let row = by_id.get(&grant.id);
+        assert!(
+            row.is_some_and(|r| r.user_id == grant.user && r.status == "issued"),
+            "acknowledged claim {} of {} is not in the database: {row:?}",
+            grant.id,
+            grant.user
+        );
+    }
+    let attempted: HashSet<&str> = crowd.iter().map(String::as_str).collect();
+    let mut owners = HashSet::new();
+    for row in &rows {
+        assert!(attempted.contains(row.user_id.as_str()), "phantom row {row:?}");
+        assert!(
+            owners.insert(row.user_id.as_str()),
+            "two rows for {}",
+            row.user_id
+        );
+    }
+    let (_, units) = active_units(&rows);
+    eprintln!(
+        "{backend:?}: kill -9 cut off {} of 3000 claims; {} were acknowledged, {units} units are durable",
+        outcome.unanswered.len(),
+        outcome.granted.len(),
+    );
+    assert!(units <= stock, "{units} units in the database for {stock}");
+    let counts = app.counts(event).await?;
+    assert_eq!(
+        (counts.sold, counts.held),
+        (units, 0),
+        "the live counts are the database's"
+    );
+
+    // Every acknowledged claim is readable by its owner after the restart.
+    let app = &app;
+    let reads = futures_util::stream::iter(&outcome.granted)
+        .map(|grant| async move {
+            (
+                grant,
+                app.get_reservation(&grant.id.to_string(), &grant.user).await,
+            )
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    for (grant, read) in reads {
+        let read = read?;
+        assert_eq!(read.body["status"], "issued", "{grant:?}: {read}");
+    }
+
+    // Liveness: the remaining units still sell, exactly.
+    let remaining = usize::try_from(counts.remaining)?;
+    let latecomers = Stampede::users("latecomer", remaining + 300);
+    let second = Stampede::new(&app.client, &app.address, event, latecomers)
+        .run()
+        .await;
+    if let Err(violations) = check_exact(&second, remaining) {
+        panic!("after the restart: {violations}; server log:\n{}", app.log_tail());
+    }
+    let counts = app.counts(event).await?;
+    assert_eq!((counts.remaining, counts.sold), (0, stock));
+    assert_eq!(active_units(&app.db.reservations(event).await?).1, stock);
+    Ok(())
+}
