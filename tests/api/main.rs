@@ -8,6 +8,7 @@
 #[macro_use]
 mod helpers;
 
+mod bad_input;
 mod holds;
 mod idempotency;
 mod limits;
