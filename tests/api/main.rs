@@ -9,6 +9,7 @@
 mod helpers;
 
 mod bad_input;
+mod events_admin;
 mod holds;
 mod idempotency;
 mod limits;
