@@ -17,7 +17,7 @@ on_every_backend!(
 
 /// How a bad request reaches the server.
 enum Request {
-    Http(RequestBuilder),
+    Http(Box<RequestBuilder>),
     /// Bytes on a raw TCP connection, for what an HTTP client will not send.
     Raw(Vec<u8>),
 }
@@ -115,24 +115,24 @@ async fn malformed_reservation_requests_are_refused_as_problems_and_change_nothi
     let path = format!("/v1/events/{event}/reservations");
     let post = |user: &str| app.as_user(Method::POST, &path, user);
     let json = |body: &str| {
-        Request::Http(
+        Request::Http(Box::new(
             post("bob")
                 .header("content-type", "application/json")
                 .body(body.to_owned()),
-        )
+        ))
     };
     let with_header = |name: &'static str, value: &[u8]| -> anyhow::Result<Request> {
         let value = HeaderValue::from_bytes(value)?;
-        Ok(Request::Http(
+        Ok(Request::Http(Box::new(
             app.request(Method::POST, &path).header(name, value),
-        ))
+        )))
     };
     let with_key = |key: &[u8]| -> anyhow::Result<Request> {
-        Ok(Request::Http(
+        Ok(Request::Http(Box::new(
             post("bob").header("idempotency-key", HeaderValue::from_bytes(key)?),
-        ))
+        )))
     };
-    let reserve_at = |event_path: &str| Request::Http(app.as_user(Method::POST, event_path, "bob"));
+    let reserve_at = |event_path: &str| Request::Http(Box::new(app.as_user(Method::POST, event_path, "bob")));
     let oversized = format!("{{\"quantity\":1{}}}", " ".repeat(17 * 1024));
 
     use Expect::{Bare, Problem};
@@ -208,30 +208,30 @@ async fn malformed_reservation_requests_are_refused_as_problems_and_change_nothi
         },
         Case {
             what: "text/plain body",
-            request: Request::Http(
+            request: Request::Http(Box::new(
                 post("bob")
                     .header("content-type", "text/plain")
                     .body(r#"{"quantity":1}"#),
-            ),
+            )),
             expect: Problem(415, "unsupported_media_type"),
         },
         Case {
             what: "JSON body without a Content-Type",
-            request: Request::Http(post("bob").body(r#"{"quantity":1}"#)),
+            request: Request::Http(Box::new(post("bob").body(r#"{"quantity":1}"#))),
             expect: Problem(415, "unsupported_media_type"),
         },
         Case {
             what: "form-encoded body",
-            request: Request::Http(
+            request: Request::Http(Box::new(
                 post("bob")
                     .header("content-type", "application/x-www-form-urlencoded")
                     .body("quantity=1"),
-            ),
+            )),
             expect: Problem(415, "unsupported_media_type"),
         },
         Case {
             what: "missing X-User-Id",
-            request: Request::Http(app.request(Method::POST, &path)),
+            request: Request::Http(Box::new(app.request(Method::POST, &path))),
             expect: Problem(401, "missing_user"),
         },
         Case {
@@ -315,7 +315,7 @@ async fn malformed_reservation_requests_are_refused_as_problems_and_change_nothi
         },
         Case {
             what: "unknown route",
-            request: Request::Http(app.as_user(Method::GET, "/v1/nope", "bob")),
+            request: Request::Http(Box::new(app.as_user(Method::GET, "/v1/nope", "bob"))),
             expect: Problem(404, "not_found"),
         },
         Case {
@@ -325,17 +325,17 @@ async fn malformed_reservation_requests_are_refused_as_problems_and_change_nothi
         },
         Case {
             what: "GET on the reservation route",
-            request: Request::Http(app.as_user(Method::GET, &path, "bob")),
+            request: Request::Http(Box::new(app.as_user(Method::GET, &path, "bob"))),
             expect: Problem(405, "method_not_allowed"),
         },
         Case {
             what: "DELETE on the reservation route",
-            request: Request::Http(app.as_user(Method::DELETE, &path, "bob")),
+            request: Request::Http(Box::new(app.as_user(Method::DELETE, &path, "bob"))),
             expect: Problem(405, "method_not_allowed"),
         },
         Case {
             what: "PUT on an event",
-            request: Request::Http(app.admin(Method::PUT, &format!("/v1/events/{event}"))),
+            request: Request::Http(Box::new(app.admin(Method::PUT, &format!("/v1/events/{event}")))),
             expect: Problem(405, "method_not_allowed"),
         },
     ];
@@ -344,7 +344,7 @@ async fn malformed_reservation_requests_are_refused_as_problems_and_change_nothi
     let mut failures = Vec::new();
     for case in cases {
         let reply = match case.request {
-            Request::Http(request) => send(request).await,
+            Request::Http(request) => send(*request).await,
             Request::Raw(bytes) => raw_exchange(&app.address, &bytes).await,
         };
         let reply = match reply {

@@ -688,24 +688,6 @@ pub fn timestamp(value: &Value) -> anyhow::Result<DateTime<Utc>> {
         .with_timezone(&Utc))
 }
 
-/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
-pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(found) = check().await? {
-            return Ok(found);
-        }
-        if Instant::now() > deadline {
-            bail!("condition not met within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Stampedes
 // ---------------------------------------------------------------------------------------------

@@ -94,6 +94,7 @@ async fn concurrent_requests_with_one_key_create_one_reservation(backend: Backen
     assert_eq!(fresh, 1, "one answer is the original, the others replays");
     let rows = app.db.reservations(event).await?;
     assert_eq!(active_units(&rows), (1, 2), "one reservation in the database");
+    assert_eq!(rows[0].idempotency_key.as_deref(), Some("double-click"));
     assert_eq!(
         ids.iter().next().map(String::as_str),
         Some(rows[0].id.to_string().as_str())

@@ -13,5 +13,7 @@ mod events_admin;
 mod holds;
 mod idempotency;
 mod limits;
+mod negative_control;
+mod ownership;
 mod restart;
 mod stampede;
