@@ -17,6 +17,8 @@ use crate::helpers::{
 
 on_every_backend!(
     a_restart_on_the_same_database_restores_the_same_state,
+    a_hold_that_expired_while_the_server_was_down_is_free_at_once_after_the_restart,
+    a_restored_hold_expires_on_time_even_if_nobody_touches_its_event,
     claims_acknowledged_before_a_kill_9_survive_it_and_the_rest_of_the_stock_still_sells,
 );
 
@@ -136,6 +138,70 @@ async fn a_restart_on_the_same_database_restores_the_same_state(backend: Backend
     );
     let counts = app.counts(tickets).await?;
     assert_eq!((counts.remaining, counts.held, counts.sold), (9, 0, 1));
+    Ok(())
+}
+
+async fn a_hold_that_expired_while_the_server_was_down_is_free_at_once_after_the_restart(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let _quiet = quiet_machine().await;
+    // Arrange: every unit held, and the server down when the hold expires.
+    let mut app = TestApp::spawn(backend).await?;
+    let event = app.ticket_event(2, 2, 1).await?;
+    let hold = app.reserve_ok(event, "ana", Some(2)).await?;
+    let id = hold["id"].as_str().unwrap_or_default().to_owned();
+    let expires_at = timestamp(&hold["expires_at"])?;
+    app.kill();
+    let wait = (expires_at + TimeDelta::milliseconds(300) - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait).await;
+
+    // Act
+    app.start().await?;
+    let first_read = app.counts(event).await?;
+    let claim = app.reserve(event, "ben", Some(1), None).await?;
+
+    // Assert
+    assert!(
+        first_read.held == 0 && claim.status.as_u16() == 201,
+        "an expired hold still counted after the restart: the first read showed {first_read:?}, \
+         a claim for 1 of the 2 free units got {claim}"
+    );
+    app.confirm(&id, "ana").await?.assert_problem(409, "hold_expired");
+    let read = app.get_reservation(&id, "ana").await?;
+    assert_eq!(read.body["status"], "expired", "{read}");
+    let counts = app.counts(event).await?;
+    assert_eq!((counts.remaining, counts.held), (1, 1));
+    Ok(())
+}
+
+async fn a_restored_hold_expires_on_time_even_if_nobody_touches_its_event(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let _quiet = quiet_machine().await;
+    // Arrange
+    let mut app = TestApp::spawn(backend).await?;
+    let event = app.ticket_event(5, 2, 2).await?;
+    let hold = app.reserve_ok(event, "ana", Some(2)).await?;
+    let id = hold["id"].as_str().unwrap_or_default().to_owned();
+    let expires_at = timestamp(&hold["expires_at"])?;
+
+    // Act: restart before the hold expires, then leave the event alone until after it has.
+    app.restart().await?;
+    let wait = (expires_at + TimeDelta::milliseconds(250) - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait).await;
+
+    // Assert
+    let row = app.db.reservations(event).await?;
+    let read = app.get_reservation(&id, "ana").await?;
+    assert_eq!(
+        (row[0].status.as_str(), read.body["status"].as_str()),
+        ("expired", Some("expired")),
+        "250 ms after expires_at the database row and GET /v1/reservations/{{id}} should say expired"
+    );
     Ok(())
 }
 
