@@ -13,6 +13,7 @@ use crate::helpers::{Backend, Reply, TestApp, send};
 on_every_backend!(
     malformed_reservation_requests_are_refused_as_problems_and_change_nothing,
     json_arrays_are_refused_as_bodies_rather_than_read_field_by_field,
+    inputs_at_the_limits_are_accepted,
 );
 
 /// How a bad request reaches the server.
@@ -438,5 +439,75 @@ async fn json_arrays_are_refused_as_bodies_rather_than_read_field_by_field(
         "nothing was reserved or changed"
     );
     assert_eq!(app.db.event_count().await?, 1, "no event was created");
+    Ok(())
+}
+
+async fn inputs_at_the_limits_are_accepted(backend: Backend) -> anyhow::Result<()> {
+    // Arrange
+    let app = TestApp::spawn(backend).await?;
+    let event = app.coupon_event(10, 1).await?;
+    let path = format!("/v1/events/{event}/reservations");
+    let padded = |len: usize| {
+        let mut body = String::from(r#"{"quantity":1"#);
+        body.push_str(&" ".repeat(len - body.len() - 1));
+        body.push('}');
+        body
+    };
+    let longest_user = "u".repeat(128);
+    let longest_key = "k".repeat(255);
+
+    // Act
+    let long_names = app
+        .reserve(event, &longest_user, None, Some(&longest_key))
+        .await?;
+    let replay = app
+        .reserve(event, &longest_user, None, Some(&longest_key))
+        .await?;
+    let full_body = send(
+        app.as_user(Method::POST, &path, "carl")
+            .header("content-type", "application/json")
+            .body(padded(16 * 1024)),
+    )
+    .await?;
+    let one_byte_more = send(
+        app.as_user(Method::POST, &path, "dee")
+            .header("content-type", "application/json")
+            .body(padded(16 * 1024 + 1)),
+    )
+    .await?;
+    let with_charset = send(
+        app.as_user(Method::POST, &path, "eve")
+            .header("content-type", "application/json; charset=utf-8")
+            .body(r#"{"quantity":1}"#),
+    )
+    .await?;
+    let empty_object = send(
+        app.as_user(Method::POST, &path, "fay")
+            .header("content-type", "application/json")
+            .body("{}"),
+    )
+    .await?;
+
+    // Assert
+    long_names.assert_status(201);
+    assert_eq!(long_names.body["user_id"].as_str(), Some(longest_user.as_str()));
+    replay.assert_status(201);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.id(), long_names.id());
+    full_body.assert_status(201);
+    one_byte_more.assert_problem(413, "payload_too_large");
+    with_charset.assert_status(201);
+    empty_object.assert_status(201);
+    assert_eq!(
+        empty_object.body["quantity"], 1,
+        "an empty object asks for one unit"
+    );
+    assert_eq!(app.counts(event).await?.sold, 4);
+    let rows = app.db.reservations(event).await?;
+    assert!(
+        rows.iter()
+            .any(|r| r.user_id == longest_user && r.idempotency_key.as_deref() == Some(&longest_key)),
+        "the longest user id and key are stored whole"
+    );
     Ok(())
 }

@@ -229,6 +229,16 @@ impl TestDb {
             .collect()
     }
 
+    /// Runs one statement on the test's database behind the server's back (fault injection).
+    pub async fn execute(&self, sql: &'static str) -> anyhow::Result<()> {
+        match self.pool().await? {
+            Pool::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+            Pool::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+            Pool::MySql(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+        }
+        .with_context(|| format!("running {sql}"))
+    }
+
     /// How many rows the `events` table holds.
     pub async fn event_count(&self) -> anyhow::Result<i64> {
         let sql = "SELECT count(*) FROM events";

@@ -14,6 +14,7 @@ on_every_backend!(
     reusing_a_key_with_a_different_quantity_is_refused,
     concurrent_requests_with_one_key_create_one_reservation,
     the_same_key_from_two_users_makes_two_reservations,
+    the_same_key_on_two_events_makes_two_reservations,
     a_key_still_replays_after_its_reservation_was_cancelled,
 );
 
@@ -139,5 +140,25 @@ async fn a_key_still_replays_after_its_reservation_was_cancelled(backend: Backen
     assert_eq!(retry.id(), Some(id.as_str()), "the first answer, not a new claim");
     let counts = app.counts(event).await?;
     assert_eq!((counts.sold, counts.remaining), (0, 10), "the retry took nothing");
+    Ok(())
+}
+
+async fn the_same_key_on_two_events_makes_two_reservations(backend: Backend) -> anyhow::Result<()> {
+    // Arrange
+    let app = TestApp::spawn(backend).await?;
+    let first_event = app.coupon_event(10, 1).await?;
+    let second_event = app.coupon_event(10, 1).await?;
+    let first = app.reserve(first_event, "ana", None, Some("same")).await?;
+
+    // Act
+    let second = app.reserve(second_event, "ana", None, Some("same")).await?;
+
+    // Assert
+    first.assert_status(201);
+    second.assert_status(201);
+    assert_eq!(second.header("idempotent-replayed"), None);
+    assert_eq!(second.body["event_id"], second_event);
+    assert_eq!(app.counts(first_event).await?.sold, 1);
+    assert_eq!(app.counts(second_event).await?.sold, 1);
     Ok(())
 }

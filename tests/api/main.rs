@@ -1,9 +1,17 @@
 //! The API test suite: one binary, one module per area. Every test starts a real `firstcome`
 //! process on port 0 with its own database (see `helpers`), and most run on SQLite, PostgreSQL
 //! and MySQL alike (`sqlite::…`, `postgres::…`, `mysql::…` in the test names).
-
-// why: tests state their expectations with unwrap/expect where a failure is the test failing.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//!
+//! - `stampede`: 1,500 clients for 1,000 units → exactly 1,000, durable, counts conserved.
+//! - `limits`: per-user limits under concurrency, multi-unit requests, `max_per_request`.
+//! - `idempotency`: replays, key reuse, concurrent requests with one key, key scope.
+//! - `holds`: ticket holds expire on time (never early), confirm, cancel, coupons revoke.
+//! - `restart`: identical state after kill -9 and restart; kill -9 in the middle of a stampede.
+//! - `outage`: 503 + `Retry-After` while the database cannot commit, recovery after.
+//! - `bad_input`: malformed requests → problem+json, never a 500, nothing changed; limits.
+//! - `events_admin`: admin auth, event validation, stock changes, closing, sales windows.
+//! - `ownership`: someone else's reservation is a 404 and stays unchanged.
+//! - `negative_control`: the stampede check catches a check-then-decrement oversell.
 
 #[macro_use]
 mod helpers;
@@ -14,6 +22,7 @@ mod holds;
 mod idempotency;
 mod limits;
 mod negative_control;
+mod outage;
 mod ownership;
 mod restart;
 mod stampede;

@@ -2,6 +2,8 @@
 //! the live counts agree with the database.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::helpers::{Backend, Stampede, TestApp, active_units, check_exact, exclusive_machine};
 
@@ -16,8 +18,25 @@ async fn fifteen_hundred_clients_claiming_one_thousand_units_get_exactly_one_tho
     let event = app.coupon_event(1_000, 1).await?;
     let users = Stampede::users("fan", 1_500);
 
-    // Act
-    let outcome = Stampede::new(&app.client, &app.address, event, users).run().await;
+    // Act: the stampede, with a reader watching the counts all along.
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (app, done) = (&app, done.clone());
+        async move {
+            let mut reads = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                reads.push(app.counts(event).await);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            reads
+        }
+    };
+    let stampede = async {
+        let outcome = Stampede::new(&app.client, &app.address, event, users).run().await;
+        done.store(true, Ordering::Relaxed);
+        outcome
+    };
+    let (outcome, reads) = tokio::join!(stampede, reader);
 
     // Assert
     if let Err(violations) = check_exact(&outcome, 1_000) {
@@ -26,6 +45,17 @@ async fn fifteen_hundred_clients_claiming_one_thousand_units_get_exactly_one_tho
             outcome.slowest,
             app.log_tail()
         );
+    }
+    let mut sold_before = 0;
+    for read in reads {
+        let counts = read?; // fails if remaining + held + sold != stock in any read
+        assert!(
+            counts.sold >= sold_before,
+            "sold went back from {sold_before} to {}",
+            counts.sold
+        );
+        assert!(counts.sold <= 1_000, "{counts:?}");
+        sold_before = counts.sold;
     }
     let rows = app.db.reservations(event).await?;
     assert_eq!(
