@@ -9,6 +9,7 @@ use crate::helpers::{Backend, TestApp, active_units, exclusive_machine, send};
 on_every_backend!(
     one_user_firing_two_hundred_concurrent_requests_at_a_one_per_user_coupon_gets_exactly_one,
     reserving_more_tickets_than_remain_is_refused_with_the_remaining_count,
+    four_hundred_concurrent_requests_for_three_tickets_each_never_oversell,
     the_per_user_limit_counts_units_across_requests,
     a_quantity_above_the_events_max_per_request_is_refused,
 );
@@ -71,6 +72,41 @@ async fn reserving_more_tickets_than_remain_is_refused_with_the_remaining_count(
         .await?
         .assert_problem(409, "sold_out");
     assert_eq!(active_units(&app.db.reservations(event).await?), (4, 10));
+    Ok(())
+}
+
+async fn four_hundred_concurrent_requests_for_three_tickets_each_never_oversell(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let _alone = exclusive_machine().await;
+    // Arrange
+    let app = TestApp::spawn(backend).await?;
+    let event = app.ticket_event(1_000, 3, 600).await?;
+    let buyers: Vec<String> = (0..400).map(|i| format!("buyer-{i}")).collect();
+    let requests: Vec<_> = buyers
+        .iter()
+        .map(|buyer| app.reserve(event, buyer, Some(3), None))
+        .collect();
+
+    // Act
+    let replies = futures_util::future::join_all(requests).await;
+
+    // Assert: 333 × 3 = 999 units; everyone after that is told exactly one remains.
+    let mut granted = 0;
+    for reply in replies {
+        let reply = reply?;
+        if reply.status.as_u16() == 201 {
+            granted += 1;
+            assert_eq!(reply.body["quantity"], 3, "{reply}");
+        } else {
+            reply.assert_problem(409, "insufficient_stock");
+            assert_eq!(reply.body["remaining"], 1, "{reply}");
+        }
+    }
+    assert_eq!(granted, 333);
+    assert_eq!(active_units(&app.db.reservations(event).await?), (333, 999));
+    let counts = app.counts(event).await?;
+    assert_eq!((counts.remaining, counts.held, counts.sold), (1, 999, 0));
     Ok(())
 }
 

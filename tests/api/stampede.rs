@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::helpers::{Backend, Stampede, TestApp, active_units, check_exact, exclusive_machine};
 
-on_every_backend!(fifteen_hundred_clients_claiming_one_thousand_units_get_exactly_one_thousand);
+on_every_backend!(
+    fifteen_hundred_clients_claiming_one_thousand_units_get_exactly_one_thousand,
+    three_events_stampeded_at_once_each_sell_exactly_their_stock,
+);
 
 async fn fifteen_hundred_clients_claiming_one_thousand_units_get_exactly_one_thousand(
     backend: Backend,
@@ -74,5 +77,35 @@ async fn fifteen_hundred_clients_claiming_one_thousand_units_get_exactly_one_tho
         (counts.remaining, counts.held, counts.sold, counts.status.as_str()),
         (0, 0, 1_000, "sold_out")
     );
+    Ok(())
+}
+
+async fn three_events_stampeded_at_once_each_sell_exactly_their_stock(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let _alone = exclusive_machine().await;
+    // Arrange: the persister batches writes of all three events together.
+    let app = TestApp::spawn(backend).await?;
+    let mut events = Vec::new();
+    for _ in 0..3 {
+        events.push(app.coupon_event(200, 1).await?);
+    }
+
+    // Act
+    let stampedes = events.iter().enumerate().map(|(i, event)| {
+        let users = Stampede::users(&format!("fan{i}"), 300);
+        Stampede::new(&app.client, &app.address, *event, users).run()
+    });
+    let outcomes = futures_util::future::join_all(stampedes).await;
+
+    // Assert
+    for (event, outcome) in events.iter().zip(&outcomes) {
+        if let Err(violations) = check_exact(outcome, 200) {
+            panic!("event {event}: {violations}");
+        }
+        assert_eq!(active_units(&app.db.reservations(*event).await?), (200, 200));
+        let counts = app.counts(*event).await?;
+        assert_eq!((counts.remaining, counts.sold), (0, 200), "event {event}");
+    }
     Ok(())
 }
