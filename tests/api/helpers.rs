@@ -12,7 +12,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::header::HeaderMap;
 use reqwest::{Client, Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
@@ -599,6 +599,40 @@ impl TestApp {
 
     pub async fn my_reservations(&self, user: &str) -> anyhow::Result<Reply> {
         send(self.as_user(Method::GET, "/v1/me/reservations", user)).await
+    }
+}
+
+/// How late an expired hold's units may reappear: the server checks every 20 ms and then
+/// commits; the rest is slack for a busy CI machine.
+pub const EXPIRY_SLACK: TimeDelta = TimeDelta::milliseconds(250);
+
+impl TestApp {
+    /// Watches `event` every 20 ms until fewer than `held` units are held, and returns the
+    /// counts then and when that was first seen. Fails if the units come back before
+    /// `expires_at` (an answer received before it already shows them) or not within 2 s after.
+    pub async fn watch_release(
+        &self,
+        event: i64,
+        held: i64,
+        expires_at: DateTime<Utc>,
+    ) -> anyhow::Result<(Counts, DateTime<Utc>)> {
+        loop {
+            let counts = self.counts(event).await?;
+            let seen_at = Utc::now();
+            if counts.held < held {
+                if seen_at < expires_at {
+                    bail!(
+                        "units came back {} ms before the hold expired: {counts:?}",
+                        (expires_at - seen_at).num_milliseconds()
+                    );
+                }
+                return Ok((counts, seen_at));
+            }
+            if seen_at > expires_at + TimeDelta::seconds(2) {
+                bail!("the hold had not come back 2 s after it expired: {counts:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

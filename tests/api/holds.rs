@@ -2,11 +2,9 @@
 //! expires — and an expired hold's units come back on time, never early. Every read checks
 //! `remaining + held + sold == stock` (see `TestApp::counts`).
 
-use std::time::Duration;
-
 use chrono::{TimeDelta, Utc};
 
-use crate::helpers::{Backend, TestApp, quiet_machine, timestamp};
+use crate::helpers::{Backend, EXPIRY_SLACK, TestApp, quiet_machine, timestamp};
 
 on_every_backend!(
     an_unconfirmed_hold_returns_to_stock_on_time_and_can_no_longer_be_confirmed,
@@ -14,9 +12,6 @@ on_every_backend!(
     cancelling_a_hold_returns_its_units_at_once,
     a_coupon_cannot_be_confirmed_and_cancelling_revokes_it,
 );
-
-/// How late an expired hold's units may reappear (the server checks every 20 ms, then commits).
-const EXPIRY_SLACK: TimeDelta = TimeDelta::milliseconds(250);
 
 async fn an_unconfirmed_hold_returns_to_stock_on_time_and_can_no_longer_be_confirmed(
     backend: Backend,
@@ -37,27 +32,10 @@ async fn an_unconfirmed_hold_returns_to_stock_on_time_and_can_no_longer_be_confi
     assert_eq!((counts.remaining, counts.held, counts.sold), (3, 2, 0));
 
     // Act: watch the event every 20 ms until the units are back.
-    let back_at = loop {
-        let counts = app.counts(event).await?;
-        let seen_at = Utc::now();
-        if counts.held == 0 {
-            assert_eq!(counts.remaining, 5, "{counts:?}");
-            break seen_at;
-        }
-        assert_eq!(counts.held, 2, "{counts:?}");
-        assert!(
-            seen_at < expires_at + TimeDelta::seconds(2),
-            "the hold had not come back 2 s after it expired"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (counts, back_at) = app.watch_release(event, 2, expires_at).await?;
 
     // Assert
-    assert!(
-        back_at >= expires_at,
-        "units came back {} ms before the hold expired",
-        (expires_at - back_at).num_milliseconds()
-    );
+    assert_eq!((counts.remaining, counts.held), (5, 0), "{counts:?}");
     assert!(
         back_at <= expires_at + EXPIRY_SLACK,
         "units came back {} ms after the hold expired",

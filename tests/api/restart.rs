@@ -12,7 +12,8 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::helpers::{
-    Backend, Stampede, TestApp, active_units, check_exact, exclusive_machine, quiet_machine, timestamp,
+    Backend, EXPIRY_SLACK, Stampede, TestApp, active_units, check_exact, exclusive_machine, quiet_machine,
+    timestamp,
 };
 
 on_every_backend!(
@@ -106,21 +107,9 @@ async fn a_restart_on_the_same_database_restores_the_same_state(backend: Backend
         .assert_problem(422, "idempotency_key_reused");
 
     // The hold kept its expiry: it comes back on time, not early, not late.
-    let back_at = loop {
-        let counts = app.counts(tickets).await?;
-        let seen_at = Utc::now();
-        if counts.held == 0 {
-            break seen_at;
-        }
-        assert!(
-            seen_at < expires_at + TimeDelta::seconds(2),
-            "the hold never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(back_at >= expires_at, "the restored hold came back early");
+    let (_, back_at) = app.watch_release(tickets, 2, expires_at).await?;
     assert!(
-        back_at <= expires_at + TimeDelta::milliseconds(250),
+        back_at <= expires_at + EXPIRY_SLACK,
         "the restored hold came back {} ms late",
         (back_at - expires_at).num_milliseconds()
     );
