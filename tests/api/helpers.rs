@@ -54,10 +54,11 @@ macro_rules! on_every_backend {
 
 // why: the machine has two cores. A stampede saturates both; a timing assertion (a hold must
 // come back within 250 ms of its expiry) measured beside one would fail for reasons that have
-// nothing to do with the server. Heavy tests run alone; timing tests share only with light ones.
+// nothing to do with the server. Heavy tests exclude each other and every timing test; light
+// tests run beside anything.
 static MACHINE: LazyLock<RwLock<()>> = LazyLock::new(|| RwLock::new(()));
 
-/// Taken by tests that load the whole machine (stampedes, kill -9 under load): they run alone.
+/// Taken by tests that load the whole machine (stampedes, kill -9 under load).
 pub async fn exclusive_machine() -> RwLockWriteGuard<'static, ()> {
     MACHINE.write().await
 }
@@ -382,7 +383,7 @@ impl Drop for Server {
 }
 
 /// The last `lines` lines of a log file, for failure messages.
-pub fn log_tail(path: &Path, lines: usize) -> String {
+fn log_tail(path: &Path, lines: usize) -> String {
     let Ok(file) = File::open(path) else {
         return format!("(no log at {})", path.display());
     };
@@ -452,10 +453,6 @@ impl TestApp {
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.start().await
-    }
-
-    pub fn log_tail(&self) -> String {
-        log_tail(&self.log, 40)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -632,6 +629,14 @@ impl TestApp {
                 bail!("the hold had not come back 2 s after it expired: {counts:?}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- end of the server log ---\n{}", log_tail(&self.log, 20));
         }
     }
 }
