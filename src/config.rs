@@ -53,7 +53,8 @@ pub struct Overrides {
     #[arg(long, env = "FIRSTCOME_HTTP_WORKERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_workers: Option<usize>,
-    /// Threads (arbiters) that event actors are spread over [default: one per core].
+    /// Dedicated threads (arbiters) for event actors; 0 places them on the HTTP workers' threads
+    /// (one per core) [default: 0].
     #[arg(long, env = "FIRSTCOME_EVENT_ARBITERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_arbiters: Option<usize>,
@@ -130,7 +131,7 @@ impl Default for Settings {
             database_url: "sqlite://data/firstcome.db".into(),
             admin_token: None,
             http_workers: cores,
-            event_arbiters: cores,
+            event_arbiters: 0,
             db_max_connections: 8,
             max_batch: 8192,
             body_limit: 16 * 1024,

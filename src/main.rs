@@ -7,6 +7,11 @@ use firstcome::config::{Cli, Command, Settings};
 use firstcome::startup::Application;
 use firstcome::{store, telemetry};
 
+/// why: the request path allocates and frees many small objects across threads; glibc's
+/// allocator showed up at ~16% of worker CPU under load, mimalloc removes most of it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -29,16 +29,22 @@ impl Application {
         let db = store::connect(&settings.database_url, settings.db_max_connections).await?;
         store::migrate(&db).await?;
 
+        // why: the persister writes through one dedicated connection. It runs one transaction at
+        // a time anyway, and on SQLite a single writer keeps its page cache valid between
+        // batches (a pooled connection would find its cache stale after another's write).
+        let writer = store::connect(&settings.database_url, 1).await?;
         let stats = Arc::new(PersisterStats::default());
         let persister = {
-            let (db, stats, max_batch) = (db.clone(), stats.clone(), settings.max_batch);
+            let (db, stats, max_batch) = (writer, stats.clone(), settings.max_batch);
             Persister::start_in_arbiter(&Arbiter::new().handle(), move |_| {
                 Persister::new(db, backend, max_batch, stats)
             })
         };
-        let arbiters = (0..settings.event_arbiters.max(1))
+        // Zero means: host event actors on the HTTP workers' arbiters (registered below).
+        let arbiters = (0..settings.event_arbiters)
             .map(|_| Arbiter::new().handle())
             .collect();
+        let share_workers = settings.event_arbiters == 0;
         let registry = Arc::new(Registry::new(
             arbiters,
             db.clone(),
@@ -52,7 +58,7 @@ impl Application {
             token
         });
         let state = web::Data::new(AppState {
-            registry,
+            registry: registry.clone(),
             db,
             admin_token,
             body_limit: settings.body_limit,
@@ -63,6 +69,10 @@ impl Application {
             TcpListener::bind(&settings.bind).with_context(|| format!("binding {}", settings.bind))?;
         let port = listener.local_addr().context("reading the bound address")?.port();
         let server = HttpServer::new(move || {
+            // Runs once on each worker's own thread.
+            if share_workers {
+                state.registry.add_arbiter(actix_rt::Arbiter::current());
+            }
             App::new()
                 .app_data(state.clone())
                 .wrap(ErrorHandlers::new().default_handler(http::problem_safety_net))
@@ -73,6 +83,19 @@ impl Application {
         .listen(listener)
         .context("starting the HTTP server")?
         .run();
+        let expected_arbiters = if share_workers {
+            settings.http_workers.max(1)
+        } else {
+            0
+        };
+        actix_rt::spawn(async move {
+            if let Err(error) = registry.start_actors_with_holds(expected_arbiters).await {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "cannot start the actors of events with holds"
+                );
+            }
+        });
         Ok(Application { port, server })
     }
 

@@ -18,7 +18,7 @@
 //!   and a commit whose outcome is unknown is settled by what the database holds.
 //! - Refusals (sold out, closed, limit reached) are answered from memory, no database access.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +36,10 @@ use crate::domain::{
     Reservation, ReservationId, ReservationStatus, UserId,
 };
 use crate::store::{self, EventState, WriteOp};
+
+/// Maps keyed by client-chosen strings: foldhash is several times faster than SipHash and,
+/// seeded per process, still resists crafted collisions.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// How often held tickets are checked for expiry; units come back within this plus one commit.
 const EXPIRY_TICK: Duration = Duration::from_millis(20);
@@ -151,6 +155,11 @@ pub struct Cancel {
     pub user: UserId,
 }
 
+/// Hand the writes queued during this run of the mailbox to the persister.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FlushWrites;
+
 /// Read the event and its live counts.
 #[derive(Message)]
 #[rtype(result = "Result<EventSnapshot, Refusal>")]
@@ -232,6 +241,9 @@ pub struct EventActor {
     expiry_timer: Option<SpawnHandle>,
     /// This actor's own address for commit outcomes, made once rather than per write.
     notify: Option<Arc<Recipient<Committed>>>,
+    /// Writes decided in this run of the mailbox, handed to the persister together by
+    /// [`FlushWrites`]: one cross-thread wake-up per run instead of one per request.
+    outbox: Vec<(u64, WriteOp)>,
 }
 
 impl EventActor {
@@ -251,15 +263,18 @@ impl EventActor {
             phase: Phase::Loading,
             epoch: 0,
             next_seq: 0,
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             expiry_timer: None,
             notify: None,
+            outbox: Vec::new(),
         }
     }
 
     /// Re-reads the state from the database once every earlier write has ended; the mailbox
     /// waits meanwhile.
     fn reload(&mut self, ctx: &mut Context<Self>) {
+        // Decided writes go first, so the barrier below orders the read after them too.
+        self.flush_writes(ctx);
         self.epoch += 1;
         self.phase = Phase::Loading;
         let barrier = self.persister.send(WriteAndWait(None));
@@ -311,19 +326,31 @@ impl EventActor {
         }
     }
 
-    /// Hands a write to the persister; the answer follows in [`Committed`].
+    /// Queues a write for the persister; the answer follows in [`Committed`].
     fn send_write(&mut self, ctx: &mut Context<Self>, op: WriteOp, pending: Pending) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.pending.insert(seq, pending);
+        if self.outbox.is_empty() {
+            // Runs once the messages already in the mailbox are handled.
+            ctx.notify(FlushWrites);
+        }
+        self.outbox.push((seq, op));
+    }
+
+    /// Hands every queued write to the persister in one message.
+    fn flush_writes(&mut self, ctx: &mut Context<Self>) {
+        if self.outbox.is_empty() {
+            return;
+        }
         let notify = self
             .notify
             .get_or_insert_with(|| Arc::new(ctx.address().recipient()))
             .clone();
+        let writes = std::mem::take(&mut self.outbox);
         self.persister.do_send(Submit {
             event: self.id,
-            seq,
-            op,
+            writes,
             notify,
         });
     }
@@ -514,16 +541,17 @@ enum Taken {
 }
 
 impl Ledger {
-    /// Builds the state from the database rows; returns holds already past their expiry too.
+    /// Builds the state from the database rows; also returns the holds already past their expiry,
+    /// which count as expired and only need their rows marked.
     fn rebuild(state: EventState, now: DateTime<Utc>) -> (Ledger, Vec<Reservation>) {
         let mut ledger = Ledger {
             event: state.event,
             held: 0,
             sold: 0,
-            per_user: HashMap::new(),
-            live: HashMap::new(),
+            per_user: HashMap::default(),
+            live: HashMap::default(),
             holds: BTreeSet::new(),
-            keys: HashMap::new(),
+            keys: HashMap::default(),
         };
         let mut overdue = Vec::new();
         for reservation in state.reservations {
@@ -535,27 +563,28 @@ impl Ledger {
                     .keys
                     .insert((reservation.user_id.clone(), key.clone()), KeyState::Done(first));
             }
+            // why: a hold past its expiry is expired by rule, whatever its row still says, so its
+            // units are free at once; the write that marks it expired is bookkeeping, and a
+            // later rebuild reaches the same conclusion if that write is lost.
+            if reservation.status_at(now) == ReservationStatus::Expired
+                && reservation.status == ReservationStatus::Held
+            {
+                overdue.push(reservation);
+                continue;
+            }
             if !reservation.status.is_active() {
                 continue;
             }
             ledger.count(&reservation, true);
-            let mut changing = None;
             if let (ReservationStatus::Held, Some(at)) = (reservation.status, reservation.expires_at) {
-                if at <= now {
-                    changing = Some(ReservationStatus::Expired);
-                    overdue.push(reservation.clone());
-                } else {
-                    ledger.holds.insert((at, reservation.id));
-                }
+                ledger.holds.insert((at, reservation.id));
             }
-            ledger.live.insert(
-                reservation.id,
-                Live {
-                    reservation,
-                    committed: true,
-                    changing,
-                },
-            );
+            let live = Live {
+                reservation,
+                committed: true,
+                changing: None,
+            };
+            ledger.live.insert(live.reservation.id, live);
         }
         (ledger, overdue)
     }
@@ -718,8 +747,10 @@ impl Actor for EventActor {
 }
 
 impl Supervised for EventActor {
-    fn restarting(&mut self, _: &mut Context<Self>) {
+    fn restarting(&mut self, ctx: &mut Context<Self>) {
         self.lifecycle.restarts.fetch_add(1, Ordering::Relaxed);
+        // The restart dropped the scheduled flush; these writes are decided and awaited.
+        self.flush_writes(ctx);
         // The context dropped its timers; `loaded` starts a new one.
         self.expiry_timer = None;
         tracing::warn!(event = %self.id, "event actor restarting");
@@ -761,6 +792,14 @@ impl Handler<Snapshot> for EventActor {
 
     fn handle(&mut self, _: Snapshot, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, Err(Refusal::Unavailable), |act, _| act.snapshot())
+    }
+}
+
+impl Handler<FlushWrites> for EventActor {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushWrites, ctx: &mut Context<Self>) {
+        self.flush_writes(ctx);
     }
 }
 

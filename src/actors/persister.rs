@@ -27,13 +27,13 @@ use crate::store::{self, Backend, WriteOp};
 #[error("the batch was not committed: {0}")]
 pub struct CommitFailed(pub String);
 
-/// A write an event actor has decided on; answered later by [`Committed`] carrying `seq`.
+/// Writes an event actor has decided on, each with its sequence number; answered later by
+/// [`Committed`] carrying those numbers.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Submit {
     pub event: EventId,
-    pub seq: u64,
-    pub op: WriteOp,
+    pub writes: Vec<(u64, WriteOp)>,
     pub notify: Arc<Recipient<Committed>>,
 }
 
@@ -215,12 +215,14 @@ impl Handler<Submit> for Persister {
     type Result = ();
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
-        let waiter = Waiter::Actor {
-            event: msg.event,
-            seq: msg.seq,
-            notify: msg.notify,
-        };
-        self.queue.push_back((Some(msg.op), waiter));
+        for (seq, op) in msg.writes {
+            let waiter = Waiter::Actor {
+                event: msg.event,
+                seq,
+                notify: msg.notify.clone(),
+            };
+            self.queue.push_back((Some(op), waiter));
+        }
         self.commit_next(ctx);
     }
 }

@@ -3,7 +3,8 @@
 //! HTTP handlers ask the registry for an event's actor address. The lookup is a lock-free map
 //! read; only the first request for an event takes the slow path (check the event exists, start
 //! its supervised actor on the next event arbiter). Hot events are spread round-robin over one
-//! arbiter (thread) per core.
+//! arbiter (thread) per core: by default the HTTP workers' own arbiters, so a request that lands
+//! on its event's thread reaches the actor without a cross-thread wake-up.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +22,7 @@ pub struct Registry {
     actors: papaya::HashMap<EventId, Addr<EventActor>>,
     /// Serializes actor creation so two first requests never start two actors for one event.
     creating: tokio::sync::Mutex<()>,
-    arbiters: Vec<ArbiterHandle>,
+    arbiters: std::sync::RwLock<Vec<ArbiterHandle>>,
     next_arbiter: AtomicUsize,
     db: DatabaseConnection,
     persister: Addr<Persister>,
@@ -39,7 +40,7 @@ impl Registry {
         Self {
             actors: papaya::HashMap::new(),
             creating: tokio::sync::Mutex::new(()),
-            arbiters,
+            arbiters: std::sync::RwLock::new(arbiters),
             next_arbiter: AtomicUsize::new(0),
             db,
             persister,
@@ -60,7 +61,14 @@ impl Registry {
         if store::find_event(&self.db, id).await?.is_none() {
             return Ok(None);
         }
-        let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len().max(1);
+        let arbiter = {
+            let arbiters = self
+                .arbiters
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed);
+            arbiters.get(index % arbiters.len().max(1)).cloned()
+        };
         let (db, persister, lifecycle, capacity) = (
             self.db.clone(),
             self.persister.clone(),
@@ -69,12 +77,36 @@ impl Registry {
         );
         let start =
             move |_: &mut Context<EventActor>| EventActor::new(id, db, persister, lifecycle, capacity);
-        let addr = match self.arbiters.get(index) {
-            Some(arbiter) => Supervisor::start_in_arbiter(arbiter, start),
+        let addr = match arbiter {
+            Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, start),
             None => Supervisor::start(start),
         };
         self.actors.pin().insert(id, addr.clone());
         Ok(Some(addr))
+    }
+
+    /// Starts the actors of events with holds outstanding, so those holds expire on time even if
+    /// no request touches their event. Waits (briefly) for the HTTP workers to register their
+    /// arbiters first, so these actors are spread like any other.
+    pub async fn start_actors_with_holds(&self, expected_arbiters: usize) -> anyhow::Result<()> {
+        for _ in 0..500 {
+            if self.arbiters.read().map_or(0, |a| a.len()) >= expected_arbiters {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        for id in store::events_with_holds(&self.db).await? {
+            self.actor(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds an arbiter that event actors may be placed on (an HTTP worker registers its own).
+    pub fn add_arbiter(&self, arbiter: ArbiterHandle) {
+        self.arbiters
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(arbiter);
     }
 
     pub fn lifecycle(&self) -> &Lifecycle {

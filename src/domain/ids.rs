@@ -16,6 +16,10 @@ pub struct EventId(i64);
 impl EventId {
     /// Parses a path segment; anything that is not a positive integer names no event.
     pub fn parse(raw: &str) -> Option<Self> {
+        // Digits only: `+1` or ` 1` would otherwise name event 1 too.
+        if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
         raw.parse::<i64>().ok().filter(|id| *id > 0).map(Self)
     }
 
@@ -151,7 +155,7 @@ mod tests {
     #[test]
     fn event_ids_are_positive_integers() {
         assert_eq!(EventId::parse("7"), Some(EventId(7)));
-        for raw in ["0", "-3", "abc", "", "99999999999999999999"] {
+        for raw in ["0", "-3", "+1", " 1", "abc", "", "99999999999999999999"] {
             assert_eq!(EventId::parse(raw), None, "{raw:?}");
         }
     }

@@ -110,6 +110,23 @@ pub struct Reservation {
     pub idempotency_key: Option<IdempotencyKey>,
 }
 
+impl Reservation {
+    /// The state at `now`: a hold whose `expires_at` has passed is expired even before its row
+    /// is marked so.
+    pub fn status_at(&self, now: DateTime<Utc>) -> ReservationStatus {
+        match (self.status, self.expires_at) {
+            (ReservationStatus::Held, Some(at)) if at <= now => ReservationStatus::Expired,
+            (status, _) => status,
+        }
+    }
+
+    /// This reservation as it stands at `now` (see [`Reservation::status_at`]).
+    pub fn as_of(mut self, now: DateTime<Utc>) -> Self {
+        self.status = self.status_at(now);
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

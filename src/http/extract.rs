@@ -154,6 +154,20 @@ pub async fn json_body<T: DeserializeOwned>(
             "The body must be sent as Content-Type: application/json.",
         ));
     }
+    // why: serde's derived structs also accept a JSON array read field by field (`[2]` would be
+    // quantity 2); our bodies are objects only.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            Ok(_) => Err(ApiError::new(
+                Code::InvalidBody,
+                "The body must be a JSON object.",
+            )),
+            Err(e) => Err(ApiError::new(
+                Code::MalformedJson,
+                format!("The body is not valid JSON: {e}."),
+            )),
+        };
+    }
     serde_json::from_slice(&bytes).map(Some).map_err(|e| {
         let code = if e.is_data() {
             Code::InvalidBody

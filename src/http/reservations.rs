@@ -170,5 +170,7 @@ async fn mine(User(user): User, state: web::Data<AppState>) -> Result<HttpRespon
     let reservations = store::list_user_reservations(&state.db, &user, MINE_LIMIT)
         .await
         .map_err(ApiError::unavailable)?;
+    let now = crate::domain::now();
+    let reservations: Vec<Reservation> = reservations.into_iter().map(|r| r.as_of(now)).collect();
     Ok(json(StatusCode::OK, &json!({ "reservations": reservations })))
 }

@@ -10,5 +10,6 @@ mod queries;
 pub use batch::{WriteOp, apply_batch};
 pub use connect::{Backend, connect, migrate};
 pub use queries::{
-    EventState, create_event, find_event, find_reservation, list_user_reservations, load_event_state, ping,
+    EventState, create_event, events_with_holds, find_event, find_reservation, list_user_reservations,
+    load_event_state, ping,
 };

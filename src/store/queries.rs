@@ -76,6 +76,20 @@ pub async fn load_event_state(db: &impl ConnectionTrait, id: EventId) -> anyhow:
     }))
 }
 
+/// Events with holds outstanding, whose actors must run so the holds expire on time.
+pub async fn events_with_holds(db: &DatabaseConnection) -> anyhow::Result<Vec<EventId>> {
+    let ids: Vec<i64> = reservations::Entity::find()
+        .select_only()
+        .column(reservations::Column::EventId)
+        .distinct()
+        .filter(reservations::Column::Status.eq(ReservationStatus::Held.as_str()))
+        .into_tuple()
+        .all(db)
+        .await
+        .context("listing events with holds")?;
+    Ok(ids.into_iter().map(EventId::from_db).collect())
+}
+
 pub async fn find_reservation(
     db: &DatabaseConnection,
     id: ReservationId,
