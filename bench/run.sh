@@ -26,6 +26,8 @@
 #   c. POST reservations on a sold-out event with distinct users (409 refusals)
 #   d. stampede: STAMPEDE_CLIENTS connections released at once on STAMPEDE_STOCK units
 #   e. MULTI_CLIENTS concurrent reservations of MULTI_QUANTITY units each, released at once
+#   and, as a reference for d and e, the same burst of STAMPEDE_CLIENTS on GET /healthz: what the
+#   load generator and the HTTP layer alone take to answer a burst of that size.
 # Ratios b/a and c/a are taken within a round (same machine load), then the median over rounds.
 
 set -euo pipefail
@@ -168,6 +170,13 @@ run_burst() { # backend round scenario event-id clients prefix [extra loadgen ar
     log "  $scenario: $(tail -n1 "$RESULTS" | jq -r '"all answered in \(.all_answered_ms) ms, max \(.max_ms) ms, status \(.status|tojson), event \(.event_after|tojson)"')"
 }
 
+run_burst_floor() { # backend round clients: the same burst on GET /healthz (client + HTTP only)
+    local backend=$1 round=$2 clients=$3
+    "$LOADGEN" burst --scenario burst_healthz --url "$BASE/healthz" --method GET \
+        --clients "$clients" --prime /healthz | record "$backend" "$round"
+    log "  burst_healthz: $(tail -n1 "$RESULTS" | jq -r '"all answered in \(.all_answered_ms) ms, max \(.max_ms) ms, status \(.status|tojson)"')"
+}
+
 # --- one backend -----------------------------------------------------------------------------
 bench_backend() { # name url
     local backend=$1 url=$2
@@ -188,6 +197,7 @@ bench_backend() { # name url
         run_rate "$backend" "$round" sold_out "/v1/events/$sold_out/reservations" "r$round-c" --method POST
 
         local stampede multi
+        run_burst_floor "$backend" "$round" "$STAMPEDE_CLIENTS"
         stampede=$(create_event "{\"name\":\"bench stampede $round\",\"kind\":\"coupon\",\"stock\":$STAMPEDE_STOCK,\"per_user_limit\":1,\"max_per_request\":1}")
         run_burst "$backend" "$round" stampede "$stampede" "$STAMPEDE_CLIENTS" "r$round-d"
 
@@ -275,8 +285,8 @@ def rounds_of(backend):
             by_round.setdefault(r["round"], {})[r["scenario"]] = r
     for n in sorted(by_round):
         sc = by_round[n]
-        a, b, c, d, e = (sc.get(k) for k in ("healthz", "reserve", "sold_out", "stampede", "multi"))
-        if not all((a, b, c, d, e)):
+        a, b, c, d, e, f = (sc.get(k) for k in ("healthz", "reserve", "sold_out", "stampede", "multi", "burst_healthz"))
+        if not all((a, b, c, d, e, f)):
             continue
         batches, mean_batch, mean_commit, failed = persister(b)
         st = lambda row, code: row["status"].get(str(code), 0)
@@ -296,6 +306,7 @@ def rounds_of(backend):
             "d_201": st(d, 201), "d_409": st(d, 409),
             "d_ok": st(d, 201) == stock and st(d, 409) == clients - stock and d["errors"] == 0
                     and d["event_after"]["sold"] == stock and d["event_after"]["remaining"] == 0,
+            "f_ms": f["all_answered_ms"], "f_ok": st(f, 200) == clients and f["errors"] == 0,
             "e_ms": e["all_answered_ms"], "e_max": e["max_ms"], "e_p99": e["p99_ms"],
             "e_ok": st(e, 201) == multi_clients and e["errors"] == 0
                     and e["event_after"]["held"] == multi_clients * quantity,
@@ -339,6 +350,7 @@ MEASURES = [
     (f"**d. stampede: {clients:,} clients on {stock:,} units, all answered**", "d_ms", "ms",
      {"sqlite": ("< 100 ms", lambda v: v < 100), "postgres": ("< 100 ms", lambda v: v < 100)}),
     ("d. p99 latency", "d_p99", "ms", None),
+    (f"reference: the same {clients:,}-client burst on `GET /healthz`, all answered", "f_ms", "ms", None),
     (f"**e. {multi_clients:,} × quantity {quantity}, all done**", "e_ms", "ms",
      {"sqlite": ("< 1 s", lambda v: v < 1000), "postgres": ("< 1 s", lambda v: v < 1000)}),
     ("**e. max latency (from each request's send)**", "e_max", "ms",
@@ -370,6 +382,7 @@ checks = [
     ("c. every answer 409 sold_out, no errors", "c_ok"),
     (f"d. exactly {stock:,} × 201 and {clients - stock:,} × 409; event sold {stock:,}, remaining 0", "d_ok"),
     (f"e. all {multi_clients:,} × 201; event holds {multi_clients * quantity:,}", "e_ok"),
+    (f"reference burst: all {clients:,} × 200", "f_ok"),
 ]
 for label, key in checks:
     print(f"| {label} | " + " | ".join(f"{count_ok(b, key)} rounds" for b in backends) + " |")
@@ -377,12 +390,12 @@ failed = {b: sum(r["failed"] for r in data[b]) for b in backends}
 print("| persister failed batches during b | " + " | ".join(str(failed[b]) for b in backends) + " |")
 
 print("\n## Every round\n")
-print("| backend | round | a req/s | b req/s | c req/s | b/a | c/a | b p99 | batch | commit | d all answered | d 201/409 | e all done | e max |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+print("| backend | round | a req/s | b req/s | c req/s | b/a | c/a | b p99 | batch | commit | d all answered | d 201/409 | healthz burst | e all done | e max |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
 for b in backends:
     for r in data[b]:
         print(f"| {NAMES[b]} | {r['round']} | {fmt(r['a'], 'rps')} | {fmt(r['b'], 'rps')} | {fmt(r['c'], 'rps')} "
               f"| {fmt(r['b_a'], 'ratio')} | {fmt(r['c_a'], 'ratio')} | {fmt(r['b_p99'], 'ms')} "
               f"| {r['batch']:.0f} | {fmt(r['commit'], 'ms')} | {fmt(r['d_ms'], 'ms')} | {r['d_201']}/{r['d_409']} "
-              f"| {fmt(r['e_ms'], 'ms')} | {fmt(r['e_max'], 'ms')} |")
+              f"| {fmt(r['f_ms'], 'ms')} | {fmt(r['e_ms'], 'ms')} | {fmt(r['e_max'], 'ms')} |")
 PY
