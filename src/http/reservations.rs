@@ -3,6 +3,7 @@
 
 use actix::Addr;
 use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
@@ -10,7 +11,7 @@ use serde_json::json;
 use super::extract::{IdemKey, User, event_id, json_body, reservation_id};
 use super::{AppState, json, resource};
 use crate::actors::event::{Cancel, Confirm, Reserve};
-use crate::actors::{EventActor, Refusal};
+use crate::actors::{Answer, EventActor, Refusal};
 use crate::domain::{EventId, Quantity, Reservation, ReservationId, ReservationStatus, UserId};
 use crate::error::{ApiError, Code};
 use crate::store;
@@ -62,12 +63,8 @@ async fn reserve(
     let mut response = json(StatusCode::CREATED, &reserved.reservation);
     if reserved.replayed {
         response.headers_mut().insert(
-            "idempotent-replayed"
-                .try_into()
-                .map_err(|_| ApiError::new(Code::Internal, "header"))?,
-            "true"
-                .try_into()
-                .map_err(|_| ApiError::new(Code::Internal, "header"))?,
+            HeaderName::from_static("idempotent-replayed"),
+            HeaderValue::from_static("true"),
         );
     }
     Ok(response)
@@ -104,34 +101,55 @@ async fn read(
     Ok(json(StatusCode::OK, &reservation))
 }
 
+/// What a confirm or cancel found.
+enum Change {
+    /// The actor applied it and it committed.
+    Applied(Reservation),
+    /// The reservation no longer counts against stock (cancelled, revoked, expired): its
+    /// committed state, for the route to say what that means.
+    Ended(Reservation),
+}
+
+/// Sends a confirm or cancel of the caller's reservation `raw` to its event actor.
+async fn change_own<M>(
+    state: &AppState,
+    raw: &str,
+    user: UserId,
+    message: impl FnOnce(ReservationId, UserId) -> M,
+) -> Result<Change, ApiError>
+where
+    M: actix::Message<Result = Answer> + Send + 'static,
+    EventActor: actix::Handler<M>,
+{
+    let found = own_reservation(state, raw, &user).await?;
+    let actor = event_actor(state, found.event_id).await?;
+    match actor.send(message(found.id, user.clone())).await?.outcome().await {
+        Ok(done) => Ok(Change::Applied(done.reservation)),
+        Err(Refusal::Ended) => {
+            let current = find_own(state, found.id, &user)
+                .await?
+                .ok_or(Refusal::UnknownReservation)?;
+            Ok(Change::Ended(current))
+        }
+        Err(refusal) => Err(refusal.into()),
+    }
+}
+
 async fn confirm(
     path: web::Path<String>,
     User(user): User,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let found = own_reservation(&state, &path, &user).await?;
-    let actor = event_actor(&state, found.event_id).await?;
-    match actor
-        .send(Confirm {
-            id: found.id,
-            user: user.clone(),
-        })
-        .await?
-        .outcome()
-        .await
-    {
-        Ok(reserved) => Ok(json(StatusCode::OK, &reserved.reservation)),
-        // The reservation no longer counts: say why from its final, committed state.
-        Err(Refusal::Ended) => match find_own(&state, found.id, &user).await?.map(|r| r.status) {
-            Some(ReservationStatus::Expired) => Err(Refusal::HoldExpired.into()),
-            Some(status) => Err(Refusal::InvalidState(format!(
-                "a reservation that is {} cannot be confirmed",
-                status.as_str()
-            ))
-            .into()),
-            None => Err(Refusal::UnknownReservation.into()),
-        },
-        Err(refusal) => Err(refusal.into()),
+    match change_own(&state, &path, user, |id, user| Confirm { id, user }).await? {
+        Change::Applied(confirmed) => Ok(json(StatusCode::OK, &confirmed)),
+        Change::Ended(ended) if ended.status == ReservationStatus::Expired => {
+            Err(Refusal::HoldExpired.into())
+        }
+        Change::Ended(ended) => Err(Refusal::InvalidState(format!(
+            "a reservation that is {} cannot be confirmed",
+            ended.status.as_str()
+        ))
+        .into()),
     }
 }
 
@@ -140,26 +158,9 @@ async fn cancel(
     User(user): User,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let found = own_reservation(&state, &path, &user).await?;
-    let actor = event_actor(&state, found.event_id).await?;
-    match actor
-        .send(Cancel {
-            id: found.id,
-            user: user.clone(),
-        })
-        .await?
-        .outcome()
-        .await
-    {
-        Ok(reserved) => Ok(json(StatusCode::OK, &reserved.reservation)),
-        // Already cancelled, revoked or expired: cancelling again changes nothing.
-        Err(Refusal::Ended) => {
-            let current = find_own(&state, found.id, &user)
-                .await?
-                .ok_or(Refusal::UnknownReservation)?;
-            Ok(json(StatusCode::OK, &current))
-        }
-        Err(refusal) => Err(refusal.into()),
+    match change_own(&state, &path, user, |id, user| Cancel { id, user }).await? {
+        // Cancelling what has already ended changes nothing.
+        Change::Applied(reservation) | Change::Ended(reservation) => Ok(json(StatusCode::OK, &reservation)),
     }
 }
 
