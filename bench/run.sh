@@ -106,6 +106,7 @@ fi
 
 # --- server helpers --------------------------------------------------------------------------
 BASE=
+SERVER_SETTINGS=
 start_server() { # name database-url
     local name=$1 url=$2 out=$WORK/server-$1.out
     FIRSTCOME_ADMIN_TOKEN=$TOKEN "$SERVER" serve --bind 127.0.0.1:0 --database-url "$url" \
@@ -115,6 +116,10 @@ start_server() { # name database-url
         if grep -q 'listening on' "$out"; then
             BASE=$(grep -o 'http://[0-9.]*:[0-9]*' "$out" | head -n1)
             log "$name server (pid $SERVER_PID) at $BASE"
+            # The server logs its resolved settings at start-up; keep the ones that shape load.
+            SERVER_SETTINGS=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/server-$name.log" |
+                grep -m1 -o 'http_workers: [0-9]*, event_arbiters: [0-9]*, db_max_connections: [0-9]*, max_batch: [0-9]*' ||
+                true)
             return 0
         fi
         kill -0 "$SERVER_PID" 2>/dev/null || {
@@ -251,7 +256,7 @@ cat <<EOF
 - load average before / after: $LOAD_BEFORE / $LOAD_AFTER
 - PostgreSQL: ${PG_VERSION:-not run} (fsync ${PG_FSYNC:-?}, synchronous_commit on); SQLite: WAL, synchronous=FULL
 - settings: ROUNDS=$ROUNDS DURATION=${DURATION}s WARMUP=${WARMUP}s CONNECTIONS=$CONNECTIONS STAMPEDE=$STAMPEDE_CLIENTS clients on $STAMPEDE_STOCK units, MULTI=$MULTI_CLIENTS × quantity $MULTI_QUANTITY
-- server: default settings ($(nproc) HTTP workers, $(nproc) event arbiters, pool of 8); load generator on the same machine
+- server: its default settings (${SERVER_SETTINGS:-see its start-up log}); load generator on the same machine
 
 EOF
 python3 - "$RESULTS" "$STAMPEDE_STOCK" "$STAMPEDE_CLIENTS" "$MULTI_CLIENTS" "$MULTI_QUANTITY" <<'PY'
