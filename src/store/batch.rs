@@ -1,5 +1,6 @@
 //! The persister's group commit: every write gathered since the last commit, applied in one
-//! transaction as multi-row statements cut at the driver's bind-parameter limit.
+//! transaction as multi-row statements cut at the driver's bind-parameter limit (and, over TCP,
+//! small enough to leave in one segment: see [`Backend::params_per_statement`]).
 
 use std::collections::HashMap;
 
@@ -47,7 +48,7 @@ pub async fn apply_batch(db: &DatabaseConnection, backend: Backend, ops: &[Write
     }
 
     let txn = db.begin().await.context("beginning a batch transaction")?;
-    for chunk in inserts.chunks(backend.bind_limit() / RESERVATION_COLUMNS) {
+    for chunk in inserts.chunks(backend.params_per_statement() / RESERVATION_COLUMNS) {
         reservations::Entity::insert_many(chunk.to_vec())
             .exec_without_returning(&txn)
             .await
@@ -55,7 +56,7 @@ pub async fn apply_batch(db: &DatabaseConnection, backend: Backend, ops: &[Write
     }
     for (status, ids) in status_changes {
         // Two parameters go to the SET clause.
-        for chunk in ids.chunks(backend.bind_limit() - 2) {
+        for chunk in ids.chunks(backend.params_per_statement() - 2) {
             reservations::Entity::update_many()
                 .col_expr(reservations::Column::Status, Expr::value(status.as_str()))
                 .col_expr(reservations::Column::UpdatedAt, Expr::value(now))
