@@ -4,7 +4,10 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
-use serde_json::{Map, Value, json};
+use std::borrow::Cow;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 macro_rules! error_codes {
     ($($variant:ident => $status:ident, $name:literal, $title:literal;)*) => {
@@ -23,6 +26,10 @@ macro_rules! error_codes {
             /// The problem type's short, human-readable summary.
             pub fn title(self) -> &'static str {
                 match self { $(Self::$variant => $title),* }
+            }
+            /// The problem type's URI, the `type` member of the body.
+            pub fn type_uri(self) -> &'static str {
+                match self { $(Self::$variant => concat!("urn:firstcome:problem:", $name)),* }
             }
         }
     };
@@ -57,6 +64,19 @@ error_codes! {
     Internal => INTERNAL_SERVER_ERROR, "internal", "Internal error";
 }
 
+/// The RFC 9457 body: the standard members, our `code`, and any extension members.
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    title: &'static str,
+    status: u16,
+    detail: &'a str,
+    code: &'static str,
+    #[serde(flatten)]
+    extra: &'a Map<String, Value>,
+}
+
 /// Seconds a client should wait after a 503 before retrying.
 pub const RETRY_AFTER_SECONDS: u32 = 1;
 
@@ -65,13 +85,13 @@ pub const RETRY_AFTER_SECONDS: u32 = 1;
 #[error("{}: {detail}", code.name())]
 pub struct ApiError {
     pub code: Code,
-    pub detail: String,
+    pub detail: Cow<'static, str>,
     /// Extension members added to the body (e.g. `remaining`).
     pub extra: Map<String, Value>,
 }
 
 impl ApiError {
-    pub fn new(code: Code, detail: impl Into<String>) -> Self {
+    pub fn new(code: Code, detail: impl Into<Cow<'static, str>>) -> Self {
         Self {
             code,
             detail: detail.into(),
@@ -109,16 +129,15 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let mut body = json!({
-            "type": format!("urn:firstcome:problem:{}", self.code.name()),
-            "title": self.code.title(),
-            "status": self.code.status().as_u16(),
-            "detail": self.detail,
-            "code": self.code.name(),
-        });
-        if let Value::Object(members) = &mut body {
-            members.extend(self.extra.clone());
-        }
+        let problem = Problem {
+            kind: self.code.type_uri(),
+            title: self.code.title(),
+            status: self.code.status().as_u16(),
+            detail: &self.detail,
+            code: self.code.name(),
+            extra: &self.extra,
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = HttpResponse::build(self.code.status());
         response.insert_header((
             header::CONTENT_TYPE,
@@ -127,6 +146,6 @@ impl ResponseError for ApiError {
         if self.code == Code::Unavailable {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
         }
-        response.body(body.to_string())
+        response.body(body)
     }
 }

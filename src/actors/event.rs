@@ -21,7 +21,7 @@
 use std::collections::BTreeSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -170,6 +170,45 @@ pub struct Snapshot;
 #[rtype(result = "Result<EventSnapshot, Refusal>")]
 pub struct UpdateEvent(pub EventPatch);
 
+/// What an event actor publishes for the HTTP edge to read without sending a message: whether a
+/// claim would certainly be refused as sold out. Only the actor writes it.
+///
+/// why: once a drop sells out, the crowd keeps coming; answering those claims at the edge keeps
+/// them out of the actor's mailbox, where they would queue behind cancels and confirms.
+#[derive(Debug)]
+pub struct SoldOutGate {
+    sold_out: AtomicBool,
+    /// When the event closes (ms since the epoch), after which the answer is `closed` instead.
+    closes_at_ms: AtomicI64,
+}
+
+impl Default for SoldOutGate {
+    fn default() -> Self {
+        Self {
+            sold_out: AtomicBool::new(false),
+            closes_at_ms: AtomicI64::new(i64::MAX),
+        }
+    }
+}
+
+impl SoldOutGate {
+    /// True when a claim without an Idempotency-Key would be refused as sold out at `now`.
+    pub fn refuses(&self, now: DateTime<Utc>) -> bool {
+        self.sold_out.load(Ordering::Acquire)
+            && now.timestamp_millis() < self.closes_at_ms.load(Ordering::Acquire)
+    }
+
+    fn publish(&self, ledger: Option<&Ledger>, now: DateTime<Utc>) {
+        let sold_out =
+            ledger.is_some_and(|l| l.inventory().remaining() == 0 && l.event.window(now).is_none());
+        let closes_at = ledger
+            .and_then(|l| l.event.closes_at)
+            .map_or(i64::MAX, |at| at.timestamp_millis());
+        self.closes_at_ms.store(closes_at, Ordering::Release);
+        self.sold_out.store(sold_out, Ordering::Release);
+    }
+}
+
 /// Counts actor starts, so restarts are visible in stats and tests.
 #[derive(Debug, Default)]
 pub struct Lifecycle {
@@ -244,6 +283,7 @@ pub struct EventActor {
     /// Writes decided in this run of the mailbox, handed to the persister together by
     /// [`FlushWrites`]: one cross-thread wake-up per run instead of one per request.
     outbox: Vec<(u64, WriteOp)>,
+    gate: Arc<SoldOutGate>,
 }
 
 impl EventActor {
@@ -252,6 +292,7 @@ impl EventActor {
         db: DatabaseConnection,
         persister: Addr<Persister>,
         lifecycle: Arc<Lifecycle>,
+        gate: Arc<SoldOutGate>,
         mailbox_capacity: usize,
     ) -> Self {
         Self {
@@ -267,6 +308,7 @@ impl EventActor {
             expiry_timer: None,
             notify: None,
             outbox: Vec::new(),
+            gate,
         }
     }
 
@@ -277,6 +319,7 @@ impl EventActor {
         self.flush_writes(ctx);
         self.epoch += 1;
         self.phase = Phase::Loading;
+        self.publish();
         let barrier = self.persister.send(WriteAndWait(None));
         let db = self.db.clone();
         let id = self.id;
@@ -310,12 +353,22 @@ impl EventActor {
         let is_ticket = ledger.event.kind == EventKind::Ticket;
         tracing::debug!(event = %self.id, held = ledger.held, sold = ledger.sold, "event state loaded");
         self.phase = Phase::Ready(Box::new(ledger));
+        self.publish();
         for reservation in overdue {
             self.submit(ctx, reservation, ReservationStatus::Expired, None);
         }
         if is_ticket && self.expiry_timer.is_none() {
             self.expiry_timer = Some(ctx.run_interval(EXPIRY_TICK, |act, ctx| act.expire_due(ctx)));
         }
+    }
+
+    /// Tells the HTTP edge whether claims are certainly sold out now.
+    fn publish(&self) {
+        let ledger = match &self.phase {
+            Phase::Ready(ledger) => Some(&**ledger),
+            _ => None,
+        };
+        self.gate.publish(ledger, crate::domain::now());
     }
 
     fn ledger(&mut self) -> Result<&mut Ledger, Refusal> {
@@ -425,6 +478,7 @@ impl EventActor {
             kind: PendingKind::Created { key: msg.key },
         };
         self.send_write(ctx, WriteOp::Insert(reservation), pending);
+        self.publish();
         Answer::AfterCommit(rx)
     }
 
@@ -504,6 +558,8 @@ impl EventActor {
         }
         if reload {
             self.reload(ctx);
+        } else {
+            self.publish();
         }
     }
 
@@ -837,7 +893,9 @@ impl Handler<UpdateEvent> for EventActor {
                 Ok(Ok(())) => {
                     let ledger = act.ledger()?;
                     ledger.event = next;
-                    Ok(ledger.snapshot(crate::domain::now()))
+                    let snapshot = ledger.snapshot(crate::domain::now());
+                    act.publish();
+                    Ok(snapshot)
                 }
                 _ => {
                     act.reload(ctx);
@@ -897,7 +955,9 @@ mod tests {
         let lifecycle = Arc::new(Lifecycle::default());
         let actor = {
             let (db, lifecycle) = (db.clone(), lifecycle.clone());
-            Supervisor::start(move |_| EventActor::new(event.id, db, persister, lifecycle, 64))
+            Supervisor::start(move |_| {
+                EventActor::new(event.id, db, persister, lifecycle, Arc::default(), 64)
+            })
         };
         Ok(Harness {
             _dir: dir,

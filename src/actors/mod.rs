@@ -8,4 +8,4 @@ pub mod registry;
 
 pub use event::{Answer, EventActor, EventSnapshot, Refusal, Reserved};
 pub use persister::{Persister, PersisterStats};
-pub use registry::Registry;
+pub use registry::{EventHandle, Registry};

@@ -13,13 +13,20 @@ use actix::prelude::*;
 use actix_rt::ArbiterHandle;
 use sea_orm::DatabaseConnection;
 
-use super::event::{EventActor, Lifecycle};
+use super::event::{EventActor, Lifecycle, SoldOutGate};
 use super::persister::Persister;
 use crate::domain::EventId;
 use crate::store;
 
+/// An event's actor and the sold-out gate it publishes.
+#[derive(Clone)]
+pub struct EventHandle {
+    pub addr: Addr<EventActor>,
+    pub gate: Arc<SoldOutGate>,
+}
+
 pub struct Registry {
-    actors: papaya::HashMap<EventId, Addr<EventActor>>,
+    actors: papaya::HashMap<EventId, EventHandle>,
     /// Serializes actor creation so two first requests never start two actors for one event.
     creating: tokio::sync::Mutex<()>,
     arbiters: std::sync::RwLock<Vec<ArbiterHandle>>,
@@ -50,7 +57,7 @@ impl Registry {
     }
 
     /// The actor of event `id`, started if needed; `None` if no such event exists.
-    pub async fn actor(&self, id: EventId) -> anyhow::Result<Option<Addr<EventActor>>> {
+    pub async fn actor(&self, id: EventId) -> anyhow::Result<Option<EventHandle>> {
         if let Some(addr) = self.actors.pin().get(&id) {
             return Ok(Some(addr.clone()));
         }
@@ -69,20 +76,24 @@ impl Registry {
             let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed);
             arbiters.get(index % arbiters.len().max(1)).cloned()
         };
-        let (db, persister, lifecycle, capacity) = (
+        let gate = Arc::new(SoldOutGate::default());
+        let (db, persister, lifecycle, actor_gate, capacity) = (
             self.db.clone(),
             self.persister.clone(),
             self.lifecycle.clone(),
+            gate.clone(),
             self.mailbox_capacity,
         );
-        let start =
-            move |_: &mut Context<EventActor>| EventActor::new(id, db, persister, lifecycle, capacity);
+        let start = move |_: &mut Context<EventActor>| {
+            EventActor::new(id, db, persister, lifecycle, actor_gate, capacity)
+        };
         let addr = match arbiter {
             Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, start),
             None => Supervisor::start(start),
         };
-        self.actors.pin().insert(id, addr.clone());
-        Ok(Some(addr))
+        let handle = EventHandle { addr, gate };
+        self.actors.pin().insert(id, handle.clone());
+        Ok(Some(handle))
     }
 
     /// Starts the actors of events with holds outstanding, so those holds expire on time even if

@@ -56,7 +56,7 @@ async fn create(
 
 async fn read(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let actor = super::reservations::event_actor(&state, event_id(&path)?).await?;
-    let snapshot = actor.send(Snapshot).await??;
+    let snapshot = actor.addr.send(Snapshot).await??;
     Ok(json(StatusCode::OK, &snapshot))
 }
 
@@ -70,6 +70,6 @@ async fn update(
     let id = event_id(&path)?;
     let patch: EventPatch = required_json_body(&req, payload, state.body_limit).await?;
     let actor = super::reservations::event_actor(&state, id).await?;
-    let snapshot = actor.send(UpdateEvent(patch)).await??;
+    let snapshot = actor.addr.send(UpdateEvent(patch)).await??;
     Ok(json(StatusCode::OK, &snapshot))
 }

@@ -87,6 +87,10 @@ pub fn problem_safety_net<B>(res: ServiceResponse<B>) -> actix_web::Result<Error
 
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
+        if refusal == Refusal::SoldOut {
+            // The hottest refusal: no formatting.
+            return ApiError::new(Code::SoldOut, "Nothing is left.").with("remaining", 0);
+        }
         let detail = refusal.to_string();
         match refusal {
             Refusal::SoldOut => ApiError::new(Code::SoldOut, detail).with("remaining", 0),

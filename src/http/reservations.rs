@@ -1,7 +1,6 @@
 //! Reservations: the hot `POST /v1/events/{id}/reservations`, and a user's own reads, confirms
 //! and cancels. A user only ever sees their own reservations; anyone else's is a 404.
 
-use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -11,7 +10,7 @@ use serde_json::json;
 use super::extract::{IdemKey, User, event_id, json_body, reservation_id};
 use super::{AppState, json, resource};
 use crate::actors::event::{Cancel, Confirm, Reserve};
-use crate::actors::{Answer, EventActor, Refusal};
+use crate::actors::{Answer, EventActor, EventHandle, Refusal};
 use crate::domain::{EventId, Quantity, Reservation, ReservationId, ReservationStatus, UserId};
 use crate::error::{ApiError, Code};
 use crate::store;
@@ -31,7 +30,7 @@ struct ReserveBody {
     quantity: Option<i64>,
 }
 
-pub(super) async fn event_actor(state: &AppState, id: EventId) -> Result<Addr<EventActor>, ApiError> {
+pub(super) async fn event_actor(state: &AppState, id: EventId) -> Result<EventHandle, ApiError> {
     state
         .registry
         .actor(id)
@@ -54,8 +53,13 @@ async fn reserve(
         None => Quantity::ONE,
         Some(raw) => Quantity::parse(raw).map_err(|e| ApiError::new(Code::InvalidQuantity, e.0))?,
     };
-    let actor = event_actor(&state, id).await?;
-    let reserved = actor
+    let event = event_actor(&state, id).await?;
+    // A retry with a key goes to the actor, which replays its first answer.
+    if key.is_none() && event.gate.refuses(crate::domain::now()) {
+        return Err(Refusal::SoldOut.into());
+    }
+    let reserved = event
+        .addr
         .send(Reserve { user, quantity, key })
         .await?
         .outcome()
@@ -122,8 +126,14 @@ where
     EventActor: actix::Handler<M>,
 {
     let found = own_reservation(state, raw, &user).await?;
-    let actor = event_actor(state, found.event_id).await?;
-    match actor.send(message(found.id, user.clone())).await?.outcome().await {
+    let event = event_actor(state, found.event_id).await?;
+    match event
+        .addr
+        .send(message(found.id, user.clone()))
+        .await?
+        .outcome()
+        .await
+    {
         Ok(done) => Ok(Change::Applied(done.reservation)),
         Err(Refusal::Ended) => {
             let current = find_own(state, found.id, &user)
