@@ -83,34 +83,27 @@ pub enum Refusal {
     Unavailable,
 }
 
-/// An actor's answer about a reservation: at once (refusals, no-op changes), a replay of the
-/// first answer to an Idempotency-Key, or after the commit.
-#[derive(MessageResponse)]
-pub enum Answer {
-    Now(Result<Reservation, Refusal>),
-    Replayed(Reservation),
-    AfterCommit(oneshot::Receiver<Result<Reservation, Refusal>>),
+/// Where an event actor sends its answer about one reservation request: at once (refusals,
+/// replays, no-op changes) or after the commit. Carried inside the message, so an accepted
+/// request costs one hand-off back to its HTTP worker, not two.
+pub type Reply = oneshot::Sender<Result<Reserved, Refusal>>;
+
+/// A reply channel for one request, and its answer. A sender dropped unanswered (the actor
+/// restarted mid-request) reads as `Unavailable`: nothing was acknowledged.
+pub fn reply_channel() -> (Reply, impl Future<Output = Result<Reserved, Refusal>>) {
+    let (reply, answer) = oneshot::channel();
+    (
+        reply,
+        async move { answer.await.unwrap_or(Err(Refusal::Unavailable)) },
+    )
 }
 
-impl Answer {
-    pub async fn outcome(self) -> Result<Reserved, Refusal> {
-        let fresh = |reservation| Reserved {
-            reservation,
-            replayed: false,
-        };
-        match self {
-            Answer::Now(result) => result.map(fresh),
-            Answer::Replayed(reservation) => Ok(Reserved {
-                reservation,
-                replayed: true,
-            }),
-            // A dropped sender means the actor restarted mid-request: not acknowledged.
-            Answer::AfterCommit(rx) => rx.await.unwrap_or(Err(Refusal::Unavailable)).map(fresh),
-        }
-    }
+fn answer(reply: Reply, result: Result<Reservation, Refusal>) {
+    let _ = reply.send(result.map(|reservation| Reserved {
+        reservation,
+        replayed: false,
+    }));
 }
-
-type Reply<T> = oneshot::Sender<Result<T, Refusal>>;
 
 /// A reservation as answered, possibly the replay of the first answer to the same Idempotency-Key.
 #[derive(Debug, Clone)]
@@ -132,27 +125,30 @@ pub struct EventSnapshot {
 
 /// Reserve `quantity` units for `user`.
 #[derive(Message)]
-#[rtype(result = "Answer")]
+#[rtype(result = "()")]
 pub struct Reserve {
     pub user: UserId,
     pub quantity: Quantity,
     pub key: Option<IdempotencyKey>,
+    pub reply: Reply,
 }
 
 /// Confirm a held ticket before it expires.
 #[derive(Message)]
-#[rtype(result = "Answer")]
+#[rtype(result = "()")]
 pub struct Confirm {
     pub id: ReservationId,
     pub user: UserId,
+    pub reply: Reply,
 }
 
 /// Cancel a reservation; its units return to stock once the cancel commits.
 #[derive(Message)]
-#[rtype(result = "Answer")]
+#[rtype(result = "()")]
 pub struct Cancel {
     pub id: ReservationId,
     pub user: UserId,
+    pub reply: Reply,
 }
 
 /// Hand the writes queued during this run of the mailbox to the persister.
@@ -258,7 +254,7 @@ struct Pending {
     epoch: u64,
     /// The reservation as it will be once committed.
     reservation: Reservation,
-    reply: Option<Reply<Reservation>>,
+    reply: Option<Reply>,
     kind: PendingKind,
 }
 
@@ -414,7 +410,7 @@ impl EventActor {
         ctx: &mut Context<Self>,
         mut reservation: Reservation,
         to: ReservationStatus,
-        reply: Option<Reply<Reservation>>,
+        reply: Option<Reply>,
     ) {
         if let Ok(ledger) = self.ledger()
             && let Some(live) = ledger.live.get_mut(&reservation.id)
@@ -458,79 +454,97 @@ impl EventActor {
         }
     }
 
-    fn reserve(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Answer {
+    fn reserve(&mut self, msg: Reserve, ctx: &mut Context<Self>) {
         let epoch = self.epoch;
         let ledger = match self.ledger() {
             Ok(ledger) => ledger,
-            Err(refusal) => return Answer::Now(Err(refusal)),
+            Err(refusal) => return answer(msg.reply, Err(refusal)),
         };
         let now = crate::domain::now();
         let reservation = match ledger.take(&msg, now) {
             Ok(Taken::New(reservation)) => reservation,
-            Ok(Taken::Replay(first)) => return Answer::Replayed(first),
-            Err(refusal) => return Answer::Now(Err(refusal)),
+            Ok(Taken::Replay(first)) => {
+                let _ = msg.reply.send(Ok(Reserved {
+                    reservation: first,
+                    replayed: true,
+                }));
+                return;
+            }
+            Err(refusal) => return answer(msg.reply, Err(refusal)),
         };
-        let (tx, rx) = oneshot::channel();
         let pending = Pending {
             epoch,
             reservation: reservation.clone(),
-            reply: Some(tx),
+            reply: Some(msg.reply),
             kind: PendingKind::Created { key: msg.key },
         };
         self.send_write(ctx, WriteOp::Insert(reservation), pending);
         self.publish();
-        Answer::AfterCommit(rx)
     }
 
-    fn change(&mut self, id: ReservationId, user: &UserId, to: Change, ctx: &mut Context<Self>) -> Answer {
+    fn change(
+        &mut self,
+        id: ReservationId,
+        user: &UserId,
+        to: Change,
+        reply: Reply,
+        ctx: &mut Context<Self>,
+    ) {
         let now = crate::domain::now();
         let ledger = match self.ledger() {
             Ok(ledger) => ledger,
-            Err(refusal) => return Answer::Now(Err(refusal)),
+            Err(refusal) => return answer(reply, Err(refusal)),
         };
         let kind = ledger.event.kind;
         let Some(live) = ledger.live.get(&id) else {
-            return Answer::Now(Err(Refusal::Ended));
+            return answer(reply, Err(Refusal::Ended));
         };
         let reservation = &live.reservation;
         if &reservation.user_id != user {
-            return Answer::Now(Err(Refusal::UnknownReservation));
+            return answer(reply, Err(Refusal::UnknownReservation));
         }
         if !live.committed || live.changing.is_some() {
             if live.changing == Some(ReservationStatus::Expired) {
-                return Answer::Now(Err(Refusal::HoldExpired));
+                return answer(reply, Err(Refusal::HoldExpired));
             }
-            return Answer::Now(Err(Refusal::InvalidState(
-                "another change to this reservation is in progress".into(),
-            )));
+            return answer(
+                reply,
+                Err(Refusal::InvalidState(
+                    "another change to this reservation is in progress".into(),
+                )),
+            );
         }
         let target = match to {
             Change::Confirm => match reservation.status {
-                ReservationStatus::Confirmed => return Answer::Now(Ok(reservation.clone())),
+                ReservationStatus::Confirmed => return answer(reply, Ok(reservation.clone())),
                 ReservationStatus::Held if reservation.expires_at.is_some_and(|at| now >= at) => {
-                    return Answer::Now(Err(Refusal::HoldExpired));
+                    return answer(reply, Err(Refusal::HoldExpired));
                 }
                 ReservationStatus::Held => ReservationStatus::Confirmed,
                 other => {
-                    return Answer::Now(Err(Refusal::InvalidState(format!(
-                        "a reservation that is {} cannot be confirmed",
-                        other.as_str()
-                    ))));
+                    return answer(
+                        reply,
+                        Err(Refusal::InvalidState(format!(
+                            "a reservation that is {} cannot be confirmed",
+                            other.as_str()
+                        ))),
+                    );
                 }
             },
             Change::Cancel => match reservation.status {
                 ReservationStatus::Redeemed => {
-                    return Answer::Now(Err(Refusal::InvalidState(
-                        "a redeemed coupon cannot be cancelled".into(),
-                    )));
+                    return answer(
+                        reply,
+                        Err(Refusal::InvalidState(
+                            "a redeemed coupon cannot be cancelled".into(),
+                        )),
+                    );
                 }
                 _ => ReservationStatus::cancelled(kind),
             },
         };
         let reservation = reservation.clone();
-        let (tx, rx) = oneshot::channel();
-        self.submit(ctx, reservation, target, Some(tx));
-        Answer::AfterCommit(rx)
+        self.submit(ctx, reservation, target, Some(reply));
     }
 
     fn committed(&mut self, msg: Committed, ctx: &mut Context<Self>) {
@@ -544,7 +558,7 @@ impl EventActor {
             if failed {
                 reload |= current;
                 if let Some(reply) = pending.reply {
-                    let _ = reply.send(Err(Refusal::Unavailable));
+                    answer(reply, Err(Refusal::Unavailable));
                 }
                 continue;
             }
@@ -553,7 +567,7 @@ impl EventActor {
                 ledger.settle(&pending);
             }
             if let Some(reply) = pending.reply {
-                let _ = reply.send(Ok(pending.reservation));
+                answer(reply, Ok(pending.reservation));
             }
         }
         if reload {
@@ -814,32 +828,33 @@ impl Supervised for EventActor {
 }
 
 impl Handler<Reserve> for EventActor {
-    type Result = Answer;
+    type Result = ();
 
-    fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, Answer::Now(Err(Refusal::Unavailable)), |act, ctx| {
-            act.reserve(msg, ctx)
-        })
+    /// On a panic the reply is dropped unanswered: the caller reads `Unavailable`.
+    fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |act, ctx| act.reserve(msg, ctx));
     }
 }
 
 impl Handler<Confirm> for EventActor {
-    type Result = Answer;
+    type Result = ();
 
-    fn handle(&mut self, msg: Confirm, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, Answer::Now(Err(Refusal::Unavailable)), |act, ctx| {
-            act.change(msg.id, &msg.user, Change::Confirm, ctx)
-        })
+    fn handle(&mut self, msg: Confirm, ctx: &mut Context<Self>) {
+        let Confirm { id, user, reply } = msg;
+        self.guarded(ctx, (), |act, ctx| {
+            act.change(id, &user, Change::Confirm, reply, ctx)
+        });
     }
 }
 
 impl Handler<Cancel> for EventActor {
-    type Result = Answer;
+    type Result = ();
 
-    fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, Answer::Now(Err(Refusal::Unavailable)), |act, ctx| {
-            act.change(msg.id, &msg.user, Change::Cancel, ctx)
-        })
+    fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) {
+        let Cancel { id, user, reply } = msg;
+        self.guarded(ctx, (), |act, ctx| {
+            act.change(id, &user, Change::Cancel, reply, ctx)
+        });
     }
 }
 
@@ -967,25 +982,31 @@ mod tests {
         })
     }
 
-    fn reserve(user: &str, key: Option<&str>) -> anyhow::Result<Reserve> {
-        Ok(Reserve {
-            user: UserId::parse(user)?,
-            quantity: Quantity::ONE,
-            key: key.map(IdempotencyKey::parse).transpose()?,
-        })
+    /// Claims one unit as `user` and waits for the answer.
+    async fn claim(
+        actor: &Addr<EventActor>,
+        user: &str,
+        key: Option<&str>,
+    ) -> anyhow::Result<Result<Reserved, Refusal>> {
+        let (reply, answer) = reply_channel();
+        let key = key.map(IdempotencyKey::parse).transpose()?;
+        actor
+            .send(Reserve {
+                user: UserId::parse(user)?,
+                quantity: Quantity::ONE,
+                key,
+                reply,
+            })
+            .await?;
+        Ok(answer.await)
     }
 
     #[actix_rt::test]
     async fn a_panic_in_a_handler_restarts_the_actor_with_its_state_intact() -> anyhow::Result<()> {
         // Arrange
         let h = harness(r#"{"name":"restart","kind":"coupon","stock":10}"#).await?;
-        let first = h
-            .actor
-            .send(reserve("alice", Some("k1"))?)
-            .await?
-            .outcome()
-            .await?;
-        h.actor.send(reserve("bob", None)?).await?.outcome().await?;
+        let first = claim(&h.actor, "alice", Some("k1")).await??;
+        claim(&h.actor, "bob", None).await??;
         let before = h.actor.send(Snapshot).await??;
 
         // Act
@@ -1004,18 +1025,13 @@ mod tests {
             (before.remaining, before.held, before.sold)
         );
         assert_eq!((after.remaining, after.sold), (8, 2));
-        let again = h.actor.send(reserve("alice", None)?).await?.outcome().await;
+        let again = claim(&h.actor, "alice", None).await?;
         assert_eq!(
             again.err(),
             Some(Refusal::LimitReached { limit: 1 }),
             "per-user count survived"
         );
-        let replay = h
-            .actor
-            .send(reserve("alice", Some("k1"))?)
-            .await?
-            .outcome()
-            .await?;
+        let replay = claim(&h.actor, "alice", Some("k1")).await??;
         assert!(replay.replayed, "idempotency result survived");
         assert_eq!(
             replay.reservation, first.reservation,
@@ -1036,24 +1052,14 @@ mod tests {
         .await?;
 
         // Act
-        let failed = h
-            .actor
-            .send(reserve("poison", Some("retry-me"))?)
-            .await?
-            .outcome()
-            .await;
+        let failed = claim(&h.actor, "poison", Some("retry-me")).await?;
 
         // Assert
         assert_eq!(failed.err(), Some(Refusal::Unavailable));
         let snapshot = h.actor.send(Snapshot).await??;
         assert_eq!((snapshot.remaining, snapshot.sold), (3, 0), "nothing stays taken");
         h.db.execute_unprepared("DROP TRIGGER poison").await?;
-        let retried = h
-            .actor
-            .send(reserve("poison", Some("retry-me"))?)
-            .await?
-            .outcome()
-            .await?;
+        let retried = claim(&h.actor, "poison", Some("retry-me")).await??;
         assert!(!retried.replayed, "the failed attempt left no idempotency record");
         let snapshot = h.actor.send(Snapshot).await??;
         assert_eq!((snapshot.remaining, snapshot.sold), (2, 1));

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::extract::{IdemKey, User, event_id, json_body, reservation_id};
 use super::{AppState, json, resource};
 use crate::actors::event::{Cancel, Confirm, Reserve};
-use crate::actors::{Answer, EventActor, EventHandle, Refusal};
+use crate::actors::{EventActor, EventHandle, Refusal, Reply, reply_channel};
 use crate::domain::{EventId, Quantity, Reservation, ReservationId, ReservationStatus, UserId};
 use crate::error::{ApiError, Code};
 use crate::store;
@@ -58,12 +58,17 @@ async fn reserve(
     if key.is_none() && event.gate.refuses(crate::domain::now()) {
         return Err(Refusal::SoldOut.into());
     }
-    let reserved = event
+    let (reply, answer) = reply_channel();
+    event
         .addr
-        .send(Reserve { user, quantity, key })
-        .await?
-        .outcome()
-        .await?;
+        .try_send(Reserve {
+            user,
+            quantity,
+            key,
+            reply,
+        })
+        .map_err(refused_by_mailbox)?;
+    let reserved = answer.await?;
     let mut response = json(StatusCode::CREATED, &reserved.reservation);
     if reserved.replayed {
         response.headers_mut().insert(
@@ -119,21 +124,20 @@ async fn change_own<M>(
     state: &AppState,
     raw: &str,
     user: UserId,
-    message: impl FnOnce(ReservationId, UserId) -> M,
+    message: impl FnOnce(ReservationId, UserId, Reply) -> M,
 ) -> Result<Change, ApiError>
 where
-    M: actix::Message<Result = Answer> + Send + 'static,
+    M: actix::Message<Result = ()> + Send + 'static,
     EventActor: actix::Handler<M>,
 {
     let found = own_reservation(state, raw, &user).await?;
     let event = event_actor(state, found.event_id).await?;
-    match event
+    let (reply, answer) = reply_channel();
+    event
         .addr
-        .send(message(found.id, user.clone()))
-        .await?
-        .outcome()
-        .await
-    {
+        .try_send(message(found.id, user.clone(), reply))
+        .map_err(refused_by_mailbox)?;
+    match answer.await {
         Ok(done) => Ok(Change::Applied(done.reservation)),
         Err(Refusal::Ended) => {
             let current = find_own(state, found.id, &user)
@@ -145,12 +149,22 @@ where
     }
 }
 
+/// The event actor's mailbox is full (or it is stopping): shed the request at once rather than
+/// queue it without bound.
+fn refused_by_mailbox<M>(error: actix::prelude::SendError<M>) -> ApiError {
+    let why = match error {
+        actix::prelude::SendError::Full(_) => "the event's queue is full",
+        actix::prelude::SendError::Closed(_) => "the event's actor is restarting",
+    };
+    ApiError::unavailable(why)
+}
+
 async fn confirm(
     path: web::Path<String>,
     User(user): User,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    match change_own(&state, &path, user, |id, user| Confirm { id, user }).await? {
+    match change_own(&state, &path, user, |id, user, reply| Confirm { id, user, reply }).await? {
         Change::Applied(confirmed) => Ok(json(StatusCode::OK, &confirmed)),
         Change::Ended(ended) if ended.status == ReservationStatus::Expired => {
             Err(Refusal::HoldExpired.into())
@@ -168,7 +182,7 @@ async fn cancel(
     User(user): User,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    match change_own(&state, &path, user, |id, user| Cancel { id, user }).await? {
+    match change_own(&state, &path, user, |id, user, reply| Cancel { id, user, reply }).await? {
         // Cancelling what has already ended changes nothing.
         Change::Applied(reservation) | Change::Ended(reservation) => Ok(json(StatusCode::OK, &reservation)),
     }
