@@ -70,7 +70,7 @@ pub struct Overrides {
     #[arg(long, env = "FIRSTCOME_BODY_LIMIT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_limit: Option<usize>,
-    /// Messages an event actor's mailbox holds before senders wait [default: 4096].
+    /// Requests queued for one event actor; beyond that, requests get 503 at once [default: 4096].
     #[arg(long, env = "FIRSTCOME_MAILBOX_CAPACITY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mailbox_capacity: Option<usize>,

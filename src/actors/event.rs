@@ -21,7 +21,7 @@
 use std::collections::BTreeSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -166,32 +166,54 @@ pub struct Snapshot;
 #[rtype(result = "Result<EventSnapshot, Refusal>")]
 pub struct UpdateEvent(pub EventPatch);
 
-/// What an event actor publishes for the HTTP edge to read without sending a message: whether a
-/// claim would certainly be refused as sold out. Only the actor writes it.
+/// What the HTTP edge reads to turn a request away without sending its event actor a message:
+/// the event is certainly sold out (published by the actor, its only writer), or the actor has
+/// as many requests queued as it may.
 ///
 /// why: once a drop sells out, the crowd keeps coming; answering those claims at the edge keeps
-/// them out of the actor's mailbox, where they would queue behind cancels and confirms.
+/// them out of the actor's mailbox. And a bounded queue answers 503 at once under overload
+/// instead of letting latency and memory grow without limit (actix's own mailbox capacity does
+/// not bound `try_send` from many short-lived addresses, so the bound is kept here).
 #[derive(Debug)]
-pub struct SoldOutGate {
+pub struct Admission {
     sold_out: AtomicBool,
     /// When the event closes (ms since the epoch), after which the answer is `closed` instead.
     closes_at_ms: AtomicI64,
+    /// Requests handed to the actor and not yet taken from its mailbox.
+    queued: AtomicUsize,
+    max_queued: usize,
 }
 
-impl Default for SoldOutGate {
-    fn default() -> Self {
+impl Admission {
+    pub fn new(max_queued: usize) -> Self {
         Self {
             sold_out: AtomicBool::new(false),
             closes_at_ms: AtomicI64::new(i64::MAX),
+            queued: AtomicUsize::new(0),
+            max_queued: max_queued.max(1),
         }
     }
-}
 
-impl SoldOutGate {
     /// True when a claim without an Idempotency-Key would be refused as sold out at `now`.
-    pub fn refuses(&self, now: DateTime<Utc>) -> bool {
+    pub fn sold_out(&self, now: DateTime<Utc>) -> bool {
         self.sold_out.load(Ordering::Acquire)
             && now.timestamp_millis() < self.closes_at_ms.load(Ordering::Acquire)
+    }
+
+    /// Takes a place in the actor's queue; false when the queue is full. A caller that then fails
+    /// to send its message gives the place back with [`Admission::dequeued`].
+    pub fn enqueue(&self) -> bool {
+        let before = self.queued.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// A queued request left the queue (the actor took it, or it was never sent).
+    pub fn dequeued(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn publish(&self, ledger: Option<&Ledger>, now: DateTime<Utc>) {
@@ -268,7 +290,6 @@ pub struct EventActor {
     db: DatabaseConnection,
     persister: Addr<Persister>,
     lifecycle: Arc<Lifecycle>,
-    mailbox_capacity: usize,
     phase: Phase,
     epoch: u64,
     next_seq: u64,
@@ -279,7 +300,7 @@ pub struct EventActor {
     /// Writes decided in this run of the mailbox, handed to the persister together by
     /// [`FlushWrites`]: one cross-thread wake-up per run instead of one per request.
     outbox: Vec<(u64, WriteOp)>,
-    gate: Arc<SoldOutGate>,
+    admission: Arc<Admission>,
 }
 
 impl EventActor {
@@ -288,15 +309,13 @@ impl EventActor {
         db: DatabaseConnection,
         persister: Addr<Persister>,
         lifecycle: Arc<Lifecycle>,
-        gate: Arc<SoldOutGate>,
-        mailbox_capacity: usize,
+        admission: Arc<Admission>,
     ) -> Self {
         Self {
             id,
             db,
             persister,
             lifecycle,
-            mailbox_capacity,
             phase: Phase::Loading,
             epoch: 0,
             next_seq: 0,
@@ -304,7 +323,7 @@ impl EventActor {
             expiry_timer: None,
             notify: None,
             outbox: Vec::new(),
-            gate,
+            admission,
         }
     }
 
@@ -364,7 +383,7 @@ impl EventActor {
             Phase::Ready(ledger) => Some(&**ledger),
             _ => None,
         };
-        self.gate.publish(ledger, crate::domain::now());
+        self.admission.publish(ledger, crate::domain::now());
     }
 
     fn ledger(&mut self) -> Result<&mut Ledger, Refusal> {
@@ -811,7 +830,6 @@ impl Actor for EventActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.lifecycle.starts.fetch_add(1, Ordering::Relaxed);
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
         self.reload(ctx);
     }
 }
@@ -832,6 +850,7 @@ impl Handler<Reserve> for EventActor {
 
     /// On a panic the reply is dropped unanswered: the caller reads `Unavailable`.
     fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) {
+        self.admission.dequeued();
         self.guarded(ctx, (), |act, ctx| act.reserve(msg, ctx));
     }
 }
@@ -840,6 +859,7 @@ impl Handler<Confirm> for EventActor {
     type Result = ();
 
     fn handle(&mut self, msg: Confirm, ctx: &mut Context<Self>) {
+        self.admission.dequeued();
         let Confirm { id, user, reply } = msg;
         self.guarded(ctx, (), |act, ctx| {
             act.change(id, &user, Change::Confirm, reply, ctx)
@@ -851,6 +871,7 @@ impl Handler<Cancel> for EventActor {
     type Result = ();
 
     fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) {
+        self.admission.dequeued();
         let Cancel { id, user, reply } = msg;
         self.guarded(ctx, (), |act, ctx| {
             act.change(id, &user, Change::Cancel, reply, ctx)
@@ -971,7 +992,7 @@ mod tests {
         let actor = {
             let (db, lifecycle) = (db.clone(), lifecycle.clone());
             Supervisor::start(move |_| {
-                EventActor::new(event.id, db, persister, lifecycle, Arc::default(), 64)
+                EventActor::new(event.id, db, persister, lifecycle, Arc::new(Admission::new(64)))
             })
         };
         Ok(Harness {

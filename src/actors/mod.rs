@@ -6,6 +6,6 @@ pub mod event;
 pub mod persister;
 pub mod registry;
 
-pub use event::{EventActor, EventSnapshot, Refusal, Reply, Reserved, reply_channel};
+pub use event::{Admission, EventActor, EventSnapshot, Refusal, Reply, Reserved, reply_channel};
 pub use persister::{Persister, PersisterStats};
 pub use registry::{EventHandle, Registry};

@@ -13,16 +13,16 @@ use actix::prelude::*;
 use actix_rt::ArbiterHandle;
 use sea_orm::DatabaseConnection;
 
-use super::event::{EventActor, Lifecycle, SoldOutGate};
+use super::event::{Admission, EventActor, Lifecycle};
 use super::persister::Persister;
 use crate::domain::EventId;
 use crate::store;
 
-/// An event's actor and the sold-out gate it publishes.
+/// An event's actor and what the HTTP edge checks before sending it a request.
 #[derive(Clone)]
 pub struct EventHandle {
     pub addr: Addr<EventActor>,
-    pub gate: Arc<SoldOutGate>,
+    pub admission: Arc<Admission>,
 }
 
 pub struct Registry {
@@ -76,22 +76,20 @@ impl Registry {
             let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed);
             arbiters.get(index % arbiters.len().max(1)).cloned()
         };
-        let gate = Arc::new(SoldOutGate::default());
-        let (db, persister, lifecycle, actor_gate, capacity) = (
+        let admission = Arc::new(Admission::new(self.mailbox_capacity));
+        let (db, persister, lifecycle, actor_admission) = (
             self.db.clone(),
             self.persister.clone(),
             self.lifecycle.clone(),
-            gate.clone(),
-            self.mailbox_capacity,
+            admission.clone(),
         );
-        let start = move |_: &mut Context<EventActor>| {
-            EventActor::new(id, db, persister, lifecycle, actor_gate, capacity)
-        };
+        let start =
+            move |_: &mut Context<EventActor>| EventActor::new(id, db, persister, lifecycle, actor_admission);
         let addr = match arbiter {
             Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, start),
             None => Supervisor::start(start),
         };
-        let handle = EventHandle { addr, gate };
+        let handle = EventHandle { addr, admission };
         self.actors.pin().insert(id, handle.clone());
         Ok(Some(handle))
     }

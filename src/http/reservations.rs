@@ -55,19 +55,19 @@ async fn reserve(
     };
     let event = event_actor(&state, id).await?;
     // A retry with a key goes to the actor, which replays its first answer.
-    if key.is_none() && event.gate.refuses(crate::domain::now()) {
+    if key.is_none() && event.admission.sold_out(crate::domain::now()) {
         return Err(Refusal::SoldOut.into());
     }
     let (reply, answer) = reply_channel();
-    event
-        .addr
-        .try_send(Reserve {
+    send_queued(
+        &event,
+        Reserve {
             user,
             quantity,
             key,
             reply,
-        })
-        .map_err(refused_by_mailbox)?;
+        },
+    )?;
     let reserved = answer.await?;
     let mut response = json(StatusCode::CREATED, &reserved.reservation);
     if reserved.replayed {
@@ -133,10 +133,7 @@ where
     let found = own_reservation(state, raw, &user).await?;
     let event = event_actor(state, found.event_id).await?;
     let (reply, answer) = reply_channel();
-    event
-        .addr
-        .try_send(message(found.id, user.clone(), reply))
-        .map_err(refused_by_mailbox)?;
+    send_queued(&event, message(found.id, user.clone(), reply))?;
     match answer.await {
         Ok(done) => Ok(Change::Applied(done.reservation)),
         Err(Refusal::Ended) => {
@@ -149,14 +146,20 @@ where
     }
 }
 
-/// The event actor's mailbox is full (or it is stopping): shed the request at once rather than
-/// queue it without bound.
-fn refused_by_mailbox<M>(error: actix::prelude::SendError<M>) -> ApiError {
-    let why = match error {
-        actix::prelude::SendError::Full(_) => "the event's queue is full",
-        actix::prelude::SendError::Closed(_) => "the event's actor is restarting",
-    };
-    ApiError::unavailable(why)
+/// Hands a request to the event's actor if its queue has room; otherwise sheds it at once with
+/// 503 rather than queue it without bound.
+fn send_queued<M>(event: &EventHandle, message: M) -> Result<(), ApiError>
+where
+    M: actix::Message<Result = ()> + Send + 'static,
+    EventActor: actix::Handler<M>,
+{
+    if !event.admission.enqueue() {
+        return Err(ApiError::unavailable("the event's queue is full"));
+    }
+    event.addr.try_send(message).map_err(|_| {
+        event.admission.dequeued();
+        ApiError::unavailable("the event's actor is not accepting messages")
+    })
 }
 
 async fn confirm(
