@@ -13,6 +13,17 @@ on_every_backend!(
     closing_a_sold_out_event_answers_closed,
 );
 
+/// A one-unit coupon event whose unit ana holds, and a first refusal (to ben) seen.
+async fn sold_out_event(backend: Backend) -> anyhow::Result<(TestApp, i64)> {
+    let app = TestApp::spawn(backend).await?;
+    let event = app.coupon_event(1, 1).await?;
+    app.reserve(event, "ana", None, None).await?.assert_status(201);
+    app.reserve(event, "ben", None, None)
+        .await?
+        .assert_problem(409, "sold_out");
+    Ok((app, event))
+}
+
 async fn a_keyed_retry_replays_its_reservation_after_the_event_sold_out(
     backend: Backend,
 ) -> anyhow::Result<()> {
@@ -65,12 +76,7 @@ async fn a_cancel_after_the_sell_out_makes_the_unit_claimable_again(backend: Bac
 
 async fn raising_the_stock_of_a_sold_out_event_reopens_it(backend: Backend) -> anyhow::Result<()> {
     // Arrange
-    let app = TestApp::spawn(backend).await?;
-    let event = app.coupon_event(1, 1).await?;
-    app.reserve(event, "ana", None, None).await?.assert_status(201);
-    app.reserve(event, "ben", None, None)
-        .await?
-        .assert_problem(409, "sold_out");
+    let (app, event) = sold_out_event(backend).await?;
 
     // Act
     app.patch_event(event, json!({ "stock": 2 }))
@@ -87,12 +93,7 @@ async fn raising_the_stock_of_a_sold_out_event_reopens_it(backend: Backend) -> a
 
 async fn closing_a_sold_out_event_answers_closed(backend: Backend) -> anyhow::Result<()> {
     // Arrange
-    let app = TestApp::spawn(backend).await?;
-    let event = app.coupon_event(1, 1).await?;
-    app.reserve(event, "ana", None, None).await?.assert_status(201);
-    app.reserve(event, "ben", None, None)
-        .await?
-        .assert_problem(409, "sold_out");
+    let (app, event) = sold_out_event(backend).await?;
 
     // Act
     app.patch_event(event, json!({ "closed": true }))
