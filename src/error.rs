@@ -104,15 +104,6 @@ impl ApiError {
         self
     }
 
-    /// Logs the whole cause chain and gives the client an opaque 500.
-    pub fn internal(error: anyhow::Error) -> Self {
-        tracing::error!(error = format!("{error:#}"), "unexpected error");
-        Self::new(
-            Code::Internal,
-            "An unexpected error occurred; it has been logged.",
-        )
-    }
-
     /// The database could not be reached or could not commit; nothing was changed.
     pub fn unavailable(error: impl std::fmt::Display) -> Self {
         tracing::warn!(%error, "answering 503");

@@ -8,7 +8,7 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{Backend, Reply, TestApp, send};
+use crate::helpers::{Backend, Reply, TestApp, refusals, send};
 
 on_every_backend!(
     malformed_reservation_requests_are_refused_as_problems_and_change_nothing,
@@ -418,13 +418,7 @@ async fn json_arrays_are_refused_as_bodies_rather_than_read_field_by_field(
     ];
 
     // Act
-    let mut failures = Vec::new();
-    for (what, request) in cases {
-        let reply = send(request).await?;
-        if let Some(mismatch) = reply.problem_mismatch(422, "invalid_body") {
-            failures.push(format!("{what}: {mismatch}"));
-        }
-    }
+    let failures = refusals(cases.into(), 422, "invalid_body").await?;
 
     // Assert
     assert!(

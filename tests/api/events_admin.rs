@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use chrono::{SecondsFormat, TimeDelta, Utc};
-use reqwest::{Method, RequestBuilder};
+use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, send};
+use crate::helpers::{ADMIN_TOKEN, Backend, TestApp, mismatches, refusals, send};
 
 on_every_backend!(
     admin_routes_refuse_missing_or_wrong_credentials,
@@ -24,21 +24,6 @@ on_every_backend!(
 
 fn rfc3339(at: chrono::DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-/// Sends each `(description, request)` and lists those not refused with `status` and `code`.
-async fn refusals(
-    cases: Vec<(&'static str, RequestBuilder)>,
-    status: u16,
-    code: &str,
-) -> anyhow::Result<Vec<String>> {
-    let mut failures = Vec::new();
-    for (what, request) in cases {
-        if let Some(mismatch) = send(request).await?.problem_mismatch(status, code) {
-            failures.push(format!("{what}: {mismatch}"));
-        }
-    }
-    Ok(failures)
 }
 
 async fn admin_routes_refuse_missing_or_wrong_credentials(backend: Backend) -> anyhow::Result<()> {
@@ -321,12 +306,7 @@ async fn bad_event_changes_are_refused_and_change_nothing(backend: Backend) -> a
     ];
 
     // Act
-    let mut failures = Vec::new();
-    for (what, request, status, code) in cases {
-        if let Some(mismatch) = send(request).await?.problem_mismatch(status, code) {
-            failures.push(format!("{what}: {mismatch}"));
-        }
-    }
+    let failures = mismatches(cases).await?;
 
     // Assert
     assert!(

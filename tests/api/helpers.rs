@@ -715,6 +715,35 @@ impl std::fmt::Display for Reply {
     }
 }
 
+/// Sends each `(description, request, status, code)` and lists those not refused with that status
+/// and problem code, one line each.
+pub async fn mismatches(
+    cases: Vec<(&'static str, RequestBuilder, u16, &'static str)>,
+) -> anyhow::Result<Vec<String>> {
+    let mut failures = Vec::new();
+    for (what, request, status, code) in cases {
+        if let Some(mismatch) = send(request).await?.problem_mismatch(status, code) {
+            failures.push(format!("{what}: {mismatch}"));
+        }
+    }
+    Ok(failures)
+}
+
+/// Sends each `(description, request)` and lists those not refused with `status` and `code`.
+pub async fn refusals(
+    cases: Vec<(&'static str, RequestBuilder)>,
+    status: u16,
+    code: &'static str,
+) -> anyhow::Result<Vec<String>> {
+    mismatches(
+        cases
+            .into_iter()
+            .map(|(what, request)| (what, request, status, code))
+            .collect(),
+    )
+    .await
+}
+
 pub async fn send(request: RequestBuilder) -> anyhow::Result<Reply> {
     let response = request.send().await.context("sending a request")?;
     let status = response.status();
