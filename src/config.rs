@@ -74,6 +74,11 @@ pub struct Overrides {
     #[arg(long, env = "FIRSTCOME_MAILBOX_CAPACITY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mailbox_capacity: Option<usize>,
+    /// Seconds to wait, on SIGTERM or SIGINT, for requests already inside to be answered before
+    /// the server stops [default: 30].
+    #[arg(long, env = "FIRSTCOME_SHUTDOWN_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_secs: Option<u64>,
     /// Log format: `text` or `json` [default: text]. Levels come from RUST_LOG.
     #[arg(long, env = "FIRSTCOME_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,6 +98,7 @@ pub struct Settings {
     pub max_batch: usize,
     pub body_limit: usize,
     pub mailbox_capacity: usize,
+    pub shutdown_timeout_secs: u64,
     pub log_format: String,
 }
 
@@ -109,6 +115,7 @@ impl std::fmt::Debug for Settings {
             .field("max_batch", &self.max_batch)
             .field("body_limit", &self.body_limit)
             .field("mailbox_capacity", &self.mailbox_capacity)
+            .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
             .finish()
     }
 }
@@ -136,6 +143,7 @@ impl Default for Settings {
             max_batch: 8192,
             body_limit: 16 * 1024,
             mailbox_capacity: 4096,
+            shutdown_timeout_secs: 30,
             log_format: "text".into(),
         }
     }

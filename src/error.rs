@@ -104,6 +104,11 @@ impl ApiError {
         self
     }
 
+    /// 503 `unavailable` with `Retry-After`, for a reason other than the database.
+    pub fn unavailable_because(detail: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(Code::Unavailable, detail)
+    }
+
     /// The database could not be reached or could not commit; nothing was changed.
     pub fn unavailable(error: impl std::fmt::Display) -> Self {
         tracing::warn!(%error, "answering 503");

@@ -20,6 +20,8 @@
 //! - [`http`]: actix-web routes; each only parses, sends a message and renders.
 //! - [`store`]: sea-orm queries and the batch writer, in domain terms.
 //! - [`error`]: the table of error codes and the problem+json body.
+//! - [`metrics`]: the Prometheus series and their names.
+//! - [`shutdown`]: draining on SIGTERM/SIGINT before the server stops.
 //! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring.
 
 pub mod actors;
@@ -27,6 +29,8 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod metrics;
+pub mod shutdown;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -3,22 +3,32 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::dev::Server;
-use actix_web::middleware::ErrorHandlers;
+use actix_web::middleware::{ErrorHandlers, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use rand::Rng;
 
+use crate::actors::persister::WriteAndWait;
 use crate::actors::{Persister, PersisterStats, Registry};
 use crate::config::Settings;
 use crate::http::{self, AppState};
+use crate::shutdown::{self, Drain};
 use crate::store::{self, Backend};
+
+/// Seconds actix-web gives connections to close once the drain is over (keep-alive ones close
+/// at once; nothing should still be running).
+const SERVER_STOP_TIMEOUT_SECS: u64 = 5;
 
 pub struct Application {
     port: u16,
     server: Server,
+    drain: web::Data<Drain>,
+    persister: Addr<Persister>,
+    shutdown_timeout: Duration,
 }
 
 impl Application {
@@ -48,7 +58,7 @@ impl Application {
         let registry = Arc::new(Registry::new(
             arbiters,
             db.clone(),
-            persister,
+            persister.clone(),
             settings.mailbox_capacity,
         ));
 
@@ -65,6 +75,10 @@ impl Application {
             persister_stats: stats,
         });
 
+        let metrics = web::Data::new(crate::metrics::install()?);
+        let drain = web::Data::new(Drain::default());
+        let server_drain = drain.clone();
+
         let listener =
             TcpListener::bind(&settings.bind).with_context(|| format!("binding {}", settings.bind))?;
         let port = listener.local_addr().context("reading the bound address")?.port();
@@ -75,11 +89,18 @@ impl Application {
             }
             App::new()
                 .app_data(state.clone())
+                .app_data(metrics.clone())
+                .app_data(server_drain.clone())
                 .wrap(ErrorHandlers::new().default_handler(http::problem_safety_net))
+                .wrap(from_fn(shutdown::track))
+                .wrap(from_fn(http::observe))
                 .configure(http::configure)
                 .default_service(web::to(http::not_found))
         })
         .workers(settings.http_workers.max(1))
+        // Signals are ours: `run_until_stopped` drains before it stops the server.
+        .disable_signals()
+        .shutdown_timeout(SERVER_STOP_TIMEOUT_SECS)
         .listen(listener)
         .context("starting the HTTP server")?
         .run();
@@ -96,16 +117,45 @@ impl Application {
                 );
             }
         });
-        Ok(Application { port, server })
+        Ok(Application {
+            port,
+            server,
+            drain,
+            persister,
+            shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
+        })
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// Serves until the process is told to stop.
+    /// Serves until SIGTERM or SIGINT, then drains (see [`crate::shutdown`]) and stops.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let handle = self.server.handle();
+        // why spawned: the server future must keep running while `stop` below waits for it.
+        let mut server = actix_rt::spawn(self.server);
+        let signal = tokio::select! {
+            result = &mut server => return result.map_err(std::io::Error::other)?,
+            signal = shutdown::signalled() => signal?,
+        };
+        tracing::info!(
+            signal,
+            in_flight = self.drain.in_flight(),
+            "draining before shutdown"
+        );
+        let left = self.drain.drain(self.shutdown_timeout).await;
+        if left > 0 {
+            tracing::warn!(left, "shutdown timeout reached with requests still inside");
+        }
+        // Whatever the actors decided without a request waiting (expiries) commits too.
+        if let Err(error) = self.persister.send(WriteAndWait(None)).await {
+            tracing::warn!(%error, "the persister stopped before the final barrier");
+        }
+        handle.stop(true).await;
+        server.await.map_err(std::io::Error::other)??;
+        tracing::info!("stopped");
+        Ok(())
     }
 }
 

@@ -113,7 +113,7 @@ pub struct Reserved {
 }
 
 /// The event with its live counts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EventSnapshot {
     #[serde(flatten)]
     pub event: Event,
@@ -209,6 +209,11 @@ impl Admission {
             return false;
         }
         true
+    }
+
+    /// Requests handed to the actor and not yet taken from its mailbox.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// A queued request left the queue (the actor took it, or it was never sent).

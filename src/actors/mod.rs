@@ -8,4 +8,4 @@ pub mod registry;
 
 pub use event::{Admission, EventActor, EventSnapshot, Refusal, Reply, Reserved, reply_channel};
 pub use persister::{Persister, PersisterStats};
-pub use registry::{EventHandle, Registry};
+pub use registry::{EventHandle, QueueDepths, Registry};

@@ -159,6 +159,7 @@ impl Persister {
                 }
                 Err(error) => {
                     act.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::PERSISTER_FAILED_BATCHES).increment(1);
                     tracing::error!(
                         error = format!("{error:#}"),
                         writes = waiters.len(),
@@ -174,12 +175,15 @@ impl Persister {
     }
 
     fn record(&self, writes: usize, started: Instant) {
+        let elapsed = started.elapsed();
+        metrics::histogram!(crate::metrics::PERSISTER_BATCH_WRITES).record(writes as f64);
+        metrics::histogram!(crate::metrics::PERSISTER_COMMIT_SECONDS).record(elapsed.as_secs_f64());
         let writes = writes as u64;
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(writes, Ordering::Relaxed);
         self.stats
             .commit_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
         self.stats.largest_batch.fetch_max(writes, Ordering::Relaxed);
     }
 }

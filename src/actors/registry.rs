@@ -25,6 +25,14 @@ pub struct EventHandle {
     pub admission: Arc<Admission>,
 }
 
+/// A point-in-time view of the event actors' queues.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueDepths {
+    pub actors: usize,
+    pub queued: usize,
+    pub deepest: usize,
+}
+
 pub struct Registry {
     actors: papaya::HashMap<EventId, EventHandle>,
     /// Serializes actor creation so two first requests never start two actors for one event.
@@ -116,6 +124,21 @@ impl Registry {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(arbiter);
+    }
+
+    /// Running actors, their queued requests in total, and the deepest queue (for `/metrics`).
+    pub fn queue_depths(&self) -> QueueDepths {
+        let actors = self.actors.pin();
+        let mut depths = QueueDepths {
+            actors: actors.len(),
+            ..QueueDepths::default()
+        };
+        for handle in actors.values() {
+            let queued = handle.admission.queued();
+            depths.queued += queued;
+            depths.deepest = depths.deepest.max(queued);
+        }
+        depths
     }
 
     pub fn lifecycle(&self) -> &Lifecycle {

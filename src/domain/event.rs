@@ -14,7 +14,7 @@ pub const MAX_PER_USER: u32 = 10_000;
 pub const MAX_HOLD_SECONDS: u32 = 7 * 24 * 3600;
 const DEFAULT_HOLD_SECONDS: u32 = 600;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// Issued at once; the reservation is final.
@@ -41,7 +41,7 @@ impl EventKind {
 }
 
 /// What an admin sends to create an event, before validation.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventSpec {
     pub name: String,
@@ -55,7 +55,7 @@ pub struct EventSpec {
 }
 
 /// A validated event. `id` is zero until the database assigns one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Event {
     pub id: EventId,
     pub name: String,
@@ -130,13 +130,17 @@ where
 }
 
 /// An admin's change to an event: each field absent means "leave as is".
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventPatch {
     pub stock: Option<u64>,
+    /// `null` removes the opening time.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
     pub opens_at: Option<Option<DateTime<Utc>>>,
+    /// `null` removes the closing time.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
     pub closes_at: Option<Option<DateTime<Utc>>>,
     pub closed: Option<bool>,
 }
@@ -196,7 +200,7 @@ impl Event {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventStatus {
     Scheduled,

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::Invalid;
 
 /// An event's database id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 pub struct EventId(i64);
 
 impl EventId {
@@ -39,7 +39,7 @@ impl fmt::Display for EventId {
 }
 
 /// A reservation's id: UUIDv7, so ids sort by creation time and index inserts stay local.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 pub struct ReservationId(Uuid);
 
 impl ReservationId {

@@ -27,7 +27,7 @@ impl Quantity {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReservationStatus {
     /// A coupon, final at once.
@@ -96,10 +96,11 @@ impl ReservationStatus {
 }
 
 /// A reservation as stored and as shown to its owner.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Reservation {
     pub id: ReservationId,
     pub event_id: EventId,
+    #[schema(value_type = String)]
     pub user_id: UserId,
     pub quantity: u32,
     pub status: ReservationStatus,
@@ -107,6 +108,7 @@ pub struct Reservation {
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     #[serde(skip)]
+    #[schema(ignore)]
     pub idempotency_key: Option<IdempotencyKey>,
 }
 

@@ -1,5 +1,6 @@
 //! Operator-only views.
 
+use super::docs::Problem;
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde_json::json;
@@ -13,7 +14,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// Persister batching figures and event-actor restarts, for operators and the benchmark.
-async fn stats(_: Admin, state: web::Data<AppState>) -> HttpResponse {
+#[utoipa::path(get, path = "/v1/admin/stats", tag = "admin", security(("admin_token" = [])), responses(
+    (status = 200, description = "Persister batching figures and event-actor restarts"),
+    (status = 401, body = Problem, content_type = "application/problem+json"),
+    (status = 403, body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn stats(_: Admin, state: web::Data<AppState>) -> HttpResponse {
     let lifecycle = state.registry.lifecycle();
     json(
         StatusCode::OK,

@@ -1,5 +1,6 @@
 //! `/v1/events`: creating, reading and changing drops.
 
+use super::docs::Problem;
 use actix_web::http::StatusCode;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -21,7 +22,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
-async fn create(
+#[utoipa::path(post, path = "/v1/events", tag = "events", security(("admin_token" = [])),
+    request_body = EventSpec, responses(
+    (status = 201, description = "The event, with its id", body = EventSnapshot),
+    (status = 401, body = Problem, content_type = "application/problem+json"),
+    (status = 403, body = Problem, content_type = "application/problem+json"),
+    (status = 422, description = "invalid_event", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn create(
     _: Admin,
     req: HttpRequest,
     payload: web::Payload,
@@ -54,13 +61,25 @@ async fn create(
     Ok(response)
 }
 
-async fn read(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(get, path = "/v1/events/{id}", tag = "events",
+    params(("id" = i64, Path, description = "Event id")), responses(
+    (status = 200, description = "The event with live remaining, held, sold and status", body = EventSnapshot),
+    (status = 404, description = "event_not_found", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn read(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let actor = super::reservations::event_actor(&state, event_id(&path)?).await?;
     let snapshot = actor.addr.send(Snapshot).await??;
     Ok(json(StatusCode::OK, &snapshot))
 }
 
-async fn update(
+#[utoipa::path(patch, path = "/v1/events/{id}", tag = "events", security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "Event id")), request_body = EventPatch, responses(
+    (status = 200, description = "The changed event", body = EventSnapshot),
+    (status = 404, description = "event_not_found", body = Problem, content_type = "application/problem+json"),
+    (status = 422, description = "invalid_event: e.g. stock below held + sold", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn update(
     _: Admin,
     path: web::Path<String>,
     req: HttpRequest,

@@ -2,6 +2,7 @@
 
 use actix_web::{HttpResponse, web};
 
+use super::docs::Problem;
 use super::{AppState, resource};
 use crate::error::ApiError;
 use crate::store;
@@ -12,14 +13,19 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// The process is up. No I/O: this is also the HTTP ceiling the benchmarks compare against.
-async fn healthz() -> HttpResponse {
+#[utoipa::path(get, path = "/healthz", tag = "probes",
+    responses((status = 200, description = "The process is up")))]
+pub(super) async fn healthz() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(r#"{"status":"ok"}"#)
 }
 
 /// The database answers.
-async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(get, path = "/readyz", tag = "probes", responses(
+    (status = 200, description = "The database answers"),
+    (status = 503, description = "The database does not answer", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     store::ping(&state.db)
         .await
         .map_err(|e| ApiError::unavailable(format!("{e:#}")))?;

@@ -6,9 +6,11 @@
 //! oversized body) through [`problem_safety_net`].
 
 mod admin;
+pub mod docs;
 mod events;
 mod extract;
 mod health;
+mod observe;
 mod reservations;
 
 use std::sync::Arc;
@@ -21,6 +23,8 @@ use sea_orm::DatabaseConnection;
 
 use crate::actors::{PersisterStats, Refusal, Registry};
 use crate::error::{ApiError, Code};
+
+pub use observe::observe;
 
 /// What every handler can reach.
 pub struct AppState {
@@ -37,6 +41,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     events::configure(cfg);
     reservations::configure(cfg);
     admin::configure(cfg);
+    observe::configure(cfg);
+    docs::configure(cfg);
 }
 
 /// The answer to a path that names no route.

@@ -1,6 +1,7 @@
 //! Reservations: the hot `POST /v1/events/{id}/reservations`, and a user's own reads, confirms
 //! and cancels. A user only ever sees their own reservations; anyone else's is a 404.
 
+use super::docs::Problem;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -24,9 +25,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// The reservation request body; an empty body means quantity 1.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReserveBody {
+pub(super) struct ReserveBody {
+    /// Units to reserve (default 1; at most the event's `max_per_request`).
+    #[schema(minimum = 1)]
     quantity: Option<i64>,
 }
 
@@ -39,7 +42,40 @@ pub(super) async fn event_actor(state: &AppState, id: EventId) -> Result<EventHa
         .ok_or_else(|| ApiError::new(Code::EventNotFound, format!("No event has id {id}.")))
 }
 
-async fn reserve(
+/// `POST /v1/events/{id}/reservations`, counted by outcome.
+#[utoipa::path(post, path = "/v1/events/{id}/reservations", tag = "reservations",
+    security(("user_header" = []), ("user_jwt" = [])),
+    params(("id" = i64, Path, description = "Event id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key replay the first answer")),
+    request_body(content = ReserveBody, description = "Optional; an empty body means quantity 1"),
+    responses(
+    (status = 201, description = "Reserved and committed to the database", body = Reservation),
+    (status = 409, description = "sold_out, insufficient_stock, limit_reached, not_open, closed or idempotency_in_flight", body = Problem, content_type = "application/problem+json"),
+    (status = 404, description = "event_not_found", body = Problem, content_type = "application/problem+json"),
+    (status = 422, description = "invalid_quantity or idempotency_key_reused", body = Problem, content_type = "application/problem+json"),
+    (status = 503, description = "unavailable (with Retry-After): nothing was reserved", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn reserve(
+    path: web::Path<String>,
+    user: User,
+    key: IdemKey,
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let result = reserve_units(path, user, key, req, payload, state).await;
+    let outcome = match &result {
+        Ok(response) if response.headers().contains_key(REPLAYED) => "replayed",
+        Ok(_) => "created",
+        Err(error) => error.code.name(),
+    };
+    metrics::counter!(crate::metrics::RESERVATIONS_TOTAL, "outcome" => outcome).increment(1);
+    result
+}
+
+/// The header that marks a replayed answer to a retried `Idempotency-Key`.
+const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+async fn reserve_units(
     path: web::Path<String>,
     User(user): User,
     IdemKey(key): IdemKey,
@@ -71,10 +107,9 @@ async fn reserve(
     let reserved = answer.await?;
     let mut response = json(StatusCode::CREATED, &reserved.reservation);
     if reserved.replayed {
-        response.headers_mut().insert(
-            HeaderName::from_static("idempotent-replayed"),
-            HeaderValue::from_static("true"),
-        );
+        response
+            .headers_mut()
+            .insert(REPLAYED, HeaderValue::from_static("true"));
     }
     Ok(response)
 }
@@ -101,7 +136,12 @@ async fn find_own(
     Ok(found.filter(|r| &r.user_id == user))
 }
 
-async fn read(
+#[utoipa::path(get, path = "/v1/reservations/{id}", tag = "reservations",
+    security(("user_header" = []), ("user_jwt" = [])),
+    params(("id" = String, Path, description = "Reservation id")), responses(
+    (status = 200, body = Reservation),
+    (status = 404, description = "reservation_not_found (also for someone else's)", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn read(
     path: web::Path<String>,
     User(user): User,
     state: web::Data<AppState>,
@@ -154,6 +194,7 @@ where
     EventActor: actix::Handler<M>,
 {
     if !event.admission.enqueue() {
+        metrics::counter!(crate::metrics::SHED_TOTAL).increment(1);
         return Err(ApiError::unavailable("the event's queue is full"));
     }
     event.addr.try_send(message).map_err(|_| {
@@ -162,7 +203,13 @@ where
     })
 }
 
-async fn confirm(
+#[utoipa::path(post, path = "/v1/reservations/{id}/confirm", tag = "reservations",
+    security(("user_header" = []), ("user_jwt" = [])),
+    params(("id" = String, Path, description = "Reservation id")), responses(
+    (status = 200, description = "Held → confirmed", body = Reservation),
+    (status = 404, body = Problem, content_type = "application/problem+json"),
+    (status = 409, description = "hold_expired or invalid_state", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn confirm(
     path: web::Path<String>,
     User(user): User,
     state: web::Data<AppState>,
@@ -180,7 +227,13 @@ async fn confirm(
     }
 }
 
-async fn cancel(
+#[utoipa::path(post, path = "/v1/reservations/{id}/cancel", tag = "reservations",
+    security(("user_header" = []), ("user_jwt" = [])),
+    params(("id" = String, Path, description = "Reservation id")), responses(
+    (status = 200, description = "Cancelled; the units return to stock", body = Reservation),
+    (status = 404, body = Problem, content_type = "application/problem+json"),
+    (status = 409, description = "invalid_state", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn cancel(
     path: web::Path<String>,
     User(user): User,
     state: web::Data<AppState>,
@@ -194,7 +247,10 @@ async fn cancel(
 /// The most reservations `GET /v1/me/reservations` returns, newest first.
 const MINE_LIMIT: u64 = 100;
 
-async fn mine(User(user): User, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(get, path = "/v1/me/reservations", tag = "reservations",
+    security(("user_header" = []), ("user_jwt" = [])), responses(
+    (status = 200, description = "The caller's reservations, newest first (at most 100)")))]
+pub(super) async fn mine(User(user): User, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let reservations = store::list_user_reservations(&state.db, &user, MINE_LIMIT)
         .await
         .map_err(ApiError::unavailable)?;

@@ -369,6 +369,25 @@ impl Server {
         Ok(server)
     }
 
+    /// SIGTERM, then waits (at most `within`) for the process to exit; its exit status.
+    fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("running kill -TERM")?;
+        anyhow::ensure!(status.success(), "kill -TERM failed: {status}");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().context("waiting for the server")? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not exit within {within:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn kill(&mut self) {
         // Child::kill is SIGKILL on Unix: kill -9, no chance to flush or finish anything.
         let _ = self.child.kill();
@@ -449,10 +468,21 @@ impl TestApp {
         }
     }
 
+    /// SIGTERM: the server drains and exits; its exit status (within `within`).
+    pub fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let mut server = self.server.take().context("no server is running")?;
+        server.terminate(within)
+    }
+
     /// kill -9, then a new process on the same database (on a new port).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.start().await
+    }
+
+    /// The server's log file (stderr of every process this app started).
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -882,6 +912,20 @@ impl Stampede {
 /// Checks a stampede in which each client asked for one of `units` units: exactly `units`
 /// granted, each with its own reservation id and to its own user, every other client told
 /// `409 sold_out`, and every request answered. `Err` lists every violation found.
+/// Every claim a stampede saw acknowledged (201) is in `rows`, issued to its user.
+pub fn assert_acknowledged_are_durable(outcome: &Outcome, rows: &[Row]) {
+    let by_id: std::collections::HashMap<_, _> = rows.iter().map(|r| (r.id, r)).collect();
+    for grant in &outcome.granted {
+        let row = by_id.get(&grant.id);
+        assert!(
+            row.is_some_and(|r| r.user_id == grant.user && r.status == "issued"),
+            "acknowledged claim {} of {} is not in the database: {row:?}",
+            grant.id,
+            grant.user
+        );
+    }
+}
+
 pub fn check_exact(outcome: &Outcome, units: usize) -> Result<(), String> {
     let mut violations = Vec::new();
     let granted = outcome.granted.len();

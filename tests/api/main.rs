@@ -13,6 +13,8 @@
 //! - `ownership`: someone else's reservation is a 404 and stays unchanged.
 //! - `shedding`: a full event mailbox answers 503 at once; shed claims leave nothing behind.
 //! - `sold_out`: refusals at the edge after the last unit; keyed replays and restocks still work.
+//! - `observe`: `/metrics`, `X-Request-Id` on answers and log lines, `/openapi.json` and `/docs/`.
+//! - `shutdown`: SIGTERM mid-stampede drains (answers what is inside), exits 0, loses nothing.
 //! - `negative_control`: the stampede check catches a check-then-decrement oversell.
 
 #[macro_use]
@@ -24,9 +26,11 @@ mod holds;
 mod idempotency;
 mod limits;
 mod negative_control;
+mod observe;
 mod outage;
 mod ownership;
 mod restart;
 mod shedding;
+mod shutdown;
 mod sold_out;
 mod stampede;

@@ -3,7 +3,7 @@
 //! idempotent answers, and expires the same holds at the same instants. And a kill -9 in the
 //! middle of a stampede loses no acknowledged claim and strands no stock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -12,8 +12,8 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::helpers::{
-    Backend, EXPIRY_SLACK, Stampede, TestApp, active_units, check_exact, exclusive_machine, quiet_machine,
-    timestamp,
+    Backend, EXPIRY_SLACK, Stampede, TestApp, active_units, assert_acknowledged_are_durable, check_exact,
+    exclusive_machine, quiet_machine, timestamp,
 };
 
 on_every_backend!(
@@ -222,16 +222,7 @@ async fn claims_acknowledged_before_a_kill_9_survive_it_and_the_rest_of_the_stoc
         outcome.refused
     );
     let rows = app.db.reservations(event).await?;
-    let by_id: HashMap<_, _> = rows.iter().map(|r| (r.id, r)).collect();
-    for grant in &outcome.granted {
-        let row = by_id.get(&grant.id);
-        assert!(
-            row.is_some_and(|r| r.user_id == grant.user && r.status == "issued"),
-            "acknowledged claim {} of {} is not in the database: {row:?}",
-            grant.id,
-            grant.user
-        );
-    }
+    assert_acknowledged_are_durable(&outcome, &rows);
     let attempted: HashSet<&str> = crowd.iter().map(String::as_str).collect();
     let mut owners = HashSet::new();
     for row in &rows {

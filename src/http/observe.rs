@@ -1,0 +1,104 @@
+//! What every request leaves behind: a request id on its log lines and in its answer, and its
+//! latency in the `/metrics` histogram. Also the `/metrics` route itself.
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{HttpResponse, web};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tracing::Instrument;
+
+use super::{AppState, resource};
+use crate::metrics::{ACTOR_QUEUE_DEPTH, ACTOR_QUEUE_DEPTH_MAX, EVENT_ACTORS, HTTP_REQUEST_SECONDS};
+
+/// Carries the request id both ways: a caller (or a gateway) may set it, and every answer has it.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The longest request id taken from a caller; longer or odd ones are replaced by our own.
+const MAX_REQUEST_ID: usize = 128;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/metrics").route(web::get().to(render_metrics)));
+}
+
+/// Middleware: opens the request's span (so every log line of the request names its id),
+/// answers with `X-Request-Id`, and records the latency by route template.
+pub async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let id = request_id(&req);
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path());
+    let mut response = next.call(req).instrument(span).await?;
+    let route = response
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
+    metrics::histogram!(
+        HTTP_REQUEST_SECONDS,
+        "route" => route,
+        "method" => response.request().method().as_str().to_owned(),
+        "status" => response.status().as_str().to_owned(),
+    )
+    .record(started.elapsed().as_secs_f64());
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    Ok(response)
+}
+
+/// The caller's `X-Request-Id` if it is short and plain (letters, digits, `-`, `_`, `.`),
+/// otherwise a fresh one: a caller must not be able to inject text into our logs.
+fn request_id(req: &ServiceRequest) -> String {
+    req.headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+        .map_or_else(|| uuid::Uuid::now_v7().simple().to_string(), str::to_owned)
+}
+
+/// `GET /metrics`: Prometheus text exposition. Current-state gauges are read now.
+#[utoipa::path(get, path = "/metrics", tag = "probes",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+pub(super) async fn render_metrics(
+    state: web::Data<AppState>,
+    handle: web::Data<PrometheusHandle>,
+) -> HttpResponse {
+    let depths = state.registry.queue_depths();
+    metrics::gauge!(EVENT_ACTORS).set(depths.actors as f64);
+    metrics::gauge!(ACTOR_QUEUE_DEPTH).set(depths.queued as f64);
+    metrics::gauge!(ACTOR_QUEUE_DEPTH_MAX).set(depths.deepest as f64);
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(handle.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    #[test]
+    fn a_plain_request_id_is_kept_and_anything_else_is_replaced() {
+        let kept = TestRequest::default()
+            .insert_header((REQUEST_ID, "abc-123_x.y"))
+            .to_srv_request();
+        assert_eq!(request_id(&kept), "abc-123_x.y");
+        for bad in ["", "has space", "semi;colon", &"x".repeat(129)] {
+            let req = TestRequest::default()
+                .insert_header((REQUEST_ID, bad))
+                .to_srv_request();
+            let id = request_id(&req);
+            assert_ne!(id, bad, "{bad:?} should be replaced");
+            assert_eq!(id.len(), 32, "a fresh id is a UUID in 32 hex digits");
+        }
+    }
+}
