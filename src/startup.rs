@@ -9,10 +9,10 @@ use actix_web::dev::Server;
 use actix_web::middleware::ErrorHandlers;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
-use rand::Rng;
 
 use crate::actors::{Persister, PersisterStats, Registry};
 use crate::config::Settings;
+use crate::http::auth::Authenticator;
 use crate::http::{self, AppState};
 use crate::store::{self, Backend};
 
@@ -25,6 +25,7 @@ impl Application {
     /// Connects and migrates the database, starts the actors and binds the listener.
     /// Must run inside an actix system (the arbiters are started from it).
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let auth = Arc::new(Authenticator::from_settings(&settings)?);
         let backend = Backend::of_url(&settings.database_url)?;
         let db = store::connect(&settings.database_url, settings.db_max_connections).await?;
         store::migrate(&db).await?;
@@ -52,15 +53,10 @@ impl Application {
             settings.mailbox_capacity,
         ));
 
-        let admin_token = settings.admin_token.clone().unwrap_or_else(|| {
-            let token = generate_token();
-            tracing::info!(token = %token, "no FIRSTCOME_ADMIN_TOKEN set; generated this admin token");
-            token
-        });
         let state = web::Data::new(AppState {
             registry: registry.clone(),
             db,
-            admin_token,
+            auth,
             body_limit: settings.body_limit,
             persister_stats: stats,
         });
@@ -107,10 +103,4 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
-}
-
-/// A fresh admin token: 32 random bytes, hex.
-fn generate_token() -> String {
-    let bytes: [u8; 32] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

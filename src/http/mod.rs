@@ -6,6 +6,7 @@
 //! oversized body) through [`problem_safety_net`].
 
 mod admin;
+pub mod auth;
 mod events;
 mod extract;
 mod health;
@@ -26,7 +27,7 @@ use crate::error::{ApiError, Code};
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub db: DatabaseConnection,
-    pub admin_token: String,
+    pub auth: Arc<auth::Authenticator>,
     pub body_limit: usize,
     pub persister_stats: Arc<PersisterStats>,
 }
