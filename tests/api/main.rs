@@ -13,11 +13,14 @@
 //! - `ownership`: someone else's reservation is a 404 and stays unchanged.
 //! - `shedding`: a full event mailbox answers 503 at once; shed claims leave nothing behind.
 //! - `sold_out`: refusals at the edge after the last unit; keyed replays and restocks still work.
+//! - `auth`: JWT users (HS256, RS256, ES256), bad tokens → 401, admin by token or role claim,
+//!   another user's token → 404, refusing trusted-header mode on a public address.
 //! - `negative_control`: the stampede check catches a check-then-decrement oversell.
 
 #[macro_use]
 mod helpers;
 
+mod auth;
 mod bad_input;
 mod events_admin;
 mod holds;
