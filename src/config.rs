@@ -282,6 +282,28 @@ mod tests {
     }
 
     #[test]
+    fn auth_settings_come_from_the_file_and_admin_tokens_may_be_a_list() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("firstcome.toml");
+        std::fs::write(
+            &file,
+            "auth_mode = \"jwt\"\nadmin_tokens = [\"a\", \"b\"]\njwt_leeway_seconds = 0\n",
+        )?;
+        let overrides = Overrides {
+            config: Some(file),
+            allow_trusted_header_on_public_bind: Some(true),
+            ..Overrides::default()
+        };
+        let settings = Settings::load(&overrides)?;
+        assert_eq!(settings.auth_mode, Some(AuthMode::Jwt));
+        assert_eq!(settings.admin_tokens, ["a", "b"]);
+        assert_eq!(settings.jwt_leeway_seconds, 0);
+        assert!(settings.allow_trusted_header_on_public_bind, "from the flag");
+        assert_eq!(settings.jwt_admin_claim, "roles", "default");
+        Ok(())
+    }
+
+    #[test]
     fn an_unknown_key_in_the_file_is_an_error() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("firstcome.toml");

@@ -459,6 +459,48 @@ mod tests {
     }
 
     #[test]
+    fn only_a_non_empty_bearer_token_is_taken_from_authorization() -> anyhow::Result<()> {
+        let cases = [
+            ("Bearer abc.def.ghi", Some("abc.def.ghi")),
+            ("bearer  abc", Some("abc")),
+            ("Bearer ", None),
+            ("Bearer", None),
+            ("Basic YW5hOnB3", None),
+            ("Token abc", None),
+        ];
+        for (value, expected) in cases {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, header::HeaderValue::from_str(value)?);
+            assert_eq!(bearer(&headers), expected, "{value:?}");
+        }
+        assert_eq!(bearer(&HeaderMap::new()), None);
+        Ok(())
+    }
+
+    #[test]
+    fn admin_tokens_are_compared_whole_and_all_are_accepted() -> anyhow::Result<()> {
+        let auth = Authenticator::from_settings(&settings(|s| {
+            s.admin_tokens = vec!["second".into(), "third".into()];
+        }))?;
+        let with = |token: &str| -> anyhow::Result<HeaderMap> {
+            let mut headers = HeaderMap::new();
+            let value = header::HeaderValue::from_str(&format!("Bearer {token}"))?;
+            headers.insert(header::AUTHORIZATION, value);
+            Ok(headers)
+        };
+        for token in ["admin", "second", "third"] {
+            assert!(auth.admin(&with(token)?).is_ok(), "{token}");
+        }
+        for token in ["admi", "adminx", "secon", "a.b.c"] {
+            let refused = auth.admin(&with(token)?).err().map(|e| e.code);
+            assert_eq!(refused, Some(Code::Forbidden), "{token}");
+        }
+        let missing = auth.admin(&HeaderMap::new()).err().map(|e| e.code);
+        assert_eq!(missing, Some(Code::Unauthorized));
+        Ok(())
+    }
+
+    #[test]
     fn the_role_claim_may_be_an_array_or_a_space_separated_string() {
         let cases = [
             (Some(serde_json::json!(["user", "admin"])), true),
