@@ -250,6 +250,39 @@ async fn bad_tokens_are_refused_with_401_and_change_nothing() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_accepted_before_is_refused_once_it_expires() -> anyhow::Result<()> {
+    // Arrange
+    let mut args = rs256_server_args();
+    args.extend(["--jwt-leeway-seconds", "0"]);
+    let app = TestApp::spawn_with(Backend::Sqlite, &args).await?;
+    let exp = now() + 2;
+    let mut short_lived = claims("ana");
+    short_lived["exp"] = json!(exp);
+    let token = sign_rs256(&short_lived)?;
+    let list = || {
+        send(
+            app.request(Method::GET, "/v1/me/reservations")
+                .bearer_auth(&token),
+        )
+    };
+
+    // Act
+    let first = list().await?;
+    let again = list().await?;
+    while now() <= exp {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after_exp = list().await?;
+
+    // Assert
+    first.assert_status(200);
+    again.assert_status(200);
+    assert_invalid_token("the same token after its exp", &after_exp);
+    assert_eq!(after_exp.body["detail"], "The token has expired.", "{after_exp}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_routes_take_any_configured_token_or_the_admin_role_claim() -> anyhow::Result<()> {
     // Arrange
     let dir = tempfile::tempdir()?;
