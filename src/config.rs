@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -83,6 +83,65 @@ pub struct Overrides {
     #[arg(long, env = "FIRSTCOME_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
+    /// How users are identified: `jwt` (bearer tokens) or `trusted_header` (`X-User-Id` from a
+    /// gateway) [default: jwt when a JWT secret or key is set, else trusted_header].
+    #[arg(long, env = "FIRSTCOME_AUTH_MODE", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_mode: Option<AuthMode>,
+    /// Start in trusted_header mode although the bind address is not loopback (only behind a
+    /// gateway that sets X-User-Id itself) [default: false].
+    #[arg(
+        long,
+        env = "FIRSTCOME_ALLOW_TRUSTED_HEADER_ON_PUBLIC_BIND",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_trusted_header_on_public_bind: Option<bool>,
+    /// Shared secret for HS256/384/512 user tokens (at least 32 bytes).
+    #[arg(long, env = "FIRSTCOME_JWT_SECRET", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<String>,
+    /// PEM file with the public key that verifies RS*/PS*/ES*/EdDSA user tokens.
+    #[arg(long, env = "FIRSTCOME_JWT_PUBLIC_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// The one JWT algorithm accepted, e.g. HS256, RS256, ES256 [default: HS256 with a secret;
+    /// RS256 or ES256 after the public key's type].
+    #[arg(long, env = "FIRSTCOME_JWT_ALGORITHM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_algorithm: Option<String>,
+    /// Required `iss` of user tokens [default: not checked].
+    #[arg(long, env = "FIRSTCOME_JWT_ISSUER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of user tokens [default: none; tokens carrying an `aud` are refused].
+    #[arg(long, env = "FIRSTCOME_JWT_AUDIENCE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds, at most 300 [default: 5].
+    #[arg(long, env = "FIRSTCOME_JWT_LEEWAY_SECONDS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_leeway_seconds: Option<u64>,
+    /// Token claim that lists a user's roles (a string or an array of strings) [default: roles].
+    #[arg(long, env = "FIRSTCOME_JWT_ADMIN_CLAIM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_admin_claim: Option<String>,
+    /// Role in that claim that grants the admin routes [default: admin].
+    #[arg(long, env = "FIRSTCOME_JWT_ADMIN_ROLE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_admin_role: Option<String>,
+}
+
+/// How the caller of a user route is identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// `Authorization: Bearer <JWT>`; `sub` is the user id.
+    Jwt,
+    /// The `X-User-Id` header, set by a gateway that authenticated the user.
+    #[value(name = "trusted_header", alias = "trusted-header")]
+    TrustedHeader,
 }
 
 /// The resolved settings.
@@ -100,10 +159,22 @@ pub struct Settings {
     pub mailbox_capacity: usize,
     pub shutdown_timeout_secs: u64,
     pub log_format: String,
+    pub auth_mode: Option<AuthMode>,
+    pub allow_trusted_header_on_public_bind: bool,
+    /// More admin tokens, TOML only (`admin_tokens = ["…", "…"]`), accepted beside `admin_token`.
+    pub admin_tokens: Vec<String>,
+    pub jwt_secret: Option<String>,
+    pub jwt_public_key: Option<PathBuf>,
+    pub jwt_algorithm: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwt_leeway_seconds: u64,
+    pub jwt_admin_claim: String,
+    pub jwt_admin_role: String,
 }
 
 impl std::fmt::Debug for Settings {
-    /// Everything but the admin token, which is a secret.
+    /// Everything but the secrets: admin tokens, the JWT secret, the database password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("bind", &self.bind)
@@ -116,6 +187,20 @@ impl std::fmt::Debug for Settings {
             .field("body_limit", &self.body_limit)
             .field("mailbox_capacity", &self.mailbox_capacity)
             .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
+            .field("auth_mode", &self.auth_mode)
+            .field(
+                "allow_trusted_header_on_public_bind",
+                &self.allow_trusted_header_on_public_bind,
+            )
+            .field("admin_tokens", &format_args!("<{} set>", self.admin_tokens.len()))
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("jwt_algorithm", &self.jwt_algorithm)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_leeway_seconds", &self.jwt_leeway_seconds)
+            .field("jwt_admin_claim", &self.jwt_admin_claim)
+            .field("jwt_admin_role", &self.jwt_admin_role)
             .finish()
     }
 }
@@ -145,6 +230,17 @@ impl Default for Settings {
             mailbox_capacity: 4096,
             shutdown_timeout_secs: 30,
             log_format: "text".into(),
+            auth_mode: None,
+            allow_trusted_header_on_public_bind: false,
+            admin_tokens: Vec::new(),
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_algorithm: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway_seconds: 5,
+            jwt_admin_claim: "roles".into(),
+            jwt_admin_role: "admin".into(),
         }
     }
 }
@@ -190,6 +286,28 @@ mod tests {
         assert_eq!(settings.bind, "0.0.0.0:9000", "from the file");
         assert_eq!(settings.max_batch, 7, "the flag wins over the file");
         assert_eq!(settings.body_limit, 16 * 1024, "default");
+        Ok(())
+    }
+
+    #[test]
+    fn auth_settings_come_from_the_file_and_admin_tokens_may_be_a_list() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("firstcome.toml");
+        std::fs::write(
+            &file,
+            "auth_mode = \"jwt\"\nadmin_tokens = [\"a\", \"b\"]\njwt_leeway_seconds = 0\n",
+        )?;
+        let overrides = Overrides {
+            config: Some(file),
+            allow_trusted_header_on_public_bind: Some(true),
+            ..Overrides::default()
+        };
+        let settings = Settings::load(&overrides)?;
+        assert_eq!(settings.auth_mode, Some(AuthMode::Jwt));
+        assert_eq!(settings.admin_tokens, ["a", "b"]);
+        assert_eq!(settings.jwt_leeway_seconds, 0);
+        assert!(settings.allow_trusted_header_on_public_bind, "from the flag");
+        assert_eq!(settings.jwt_admin_claim, "roles", "default");
         Ok(())
     }
 

@@ -40,6 +40,7 @@ error_codes! {
     InvalidIdempotencyKey => BAD_REQUEST, "invalid_idempotency_key", "The Idempotency-Key header is malformed";
     BadRequest => BAD_REQUEST, "bad_request", "The request is malformed";
     MissingUser => UNAUTHORIZED, "missing_user", "The request does not identify a user";
+    InvalidToken => UNAUTHORIZED, "invalid_token", "The bearer token is not valid";
     Unauthorized => UNAUTHORIZED, "unauthorized", "Admin credentials are required";
     Forbidden => FORBIDDEN, "forbidden", "These credentials may not do this";
     NotFound => NOT_FOUND, "not_found", "No such resource";
@@ -141,6 +142,16 @@ impl ResponseError for ApiError {
         ));
         if self.code == Code::Unavailable {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+        }
+        // why: RFC 9110 requires a challenge on every 401; RFC 6750 names the error only when
+        // a token was presented.
+        if self.code.status() == StatusCode::UNAUTHORIZED {
+            let challenge = if self.code == Code::InvalidToken {
+                r#"Bearer realm="firstcome", error="invalid_token""#
+            } else {
+                r#"Bearer realm="firstcome""#
+            };
+            response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge)));
         }
         response.body(body)
     }

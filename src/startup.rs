@@ -10,11 +10,11 @@ use actix_web::dev::Server;
 use actix_web::middleware::{ErrorHandlers, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
-use rand::Rng;
 
 use crate::actors::persister::WriteAndWait;
 use crate::actors::{Persister, PersisterStats, Registry};
 use crate::config::Settings;
+use crate::http::auth::Authenticator;
 use crate::http::{self, AppState};
 use crate::shutdown::{self, Drain};
 use crate::store::{self, Backend};
@@ -35,6 +35,7 @@ impl Application {
     /// Connects and migrates the database, starts the actors and binds the listener.
     /// Must run inside an actix system (the arbiters are started from it).
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let auth = Arc::new(Authenticator::from_settings(&settings)?);
         let backend = Backend::of_url(&settings.database_url)?;
         let db = store::connect(&settings.database_url, settings.db_max_connections).await?;
         store::migrate(&db).await?;
@@ -62,15 +63,10 @@ impl Application {
             settings.mailbox_capacity,
         ));
 
-        let admin_token = settings.admin_token.clone().unwrap_or_else(|| {
-            let token = generate_token();
-            tracing::info!(token = %token, "no FIRSTCOME_ADMIN_TOKEN set; generated this admin token");
-            token
-        });
         let state = web::Data::new(AppState {
             registry: registry.clone(),
             db,
-            admin_token,
+            auth,
             body_limit: settings.body_limit,
             persister_stats: stats,
         });
@@ -157,10 +153,4 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-/// A fresh admin token: 32 random bytes, hex.
-fn generate_token() -> String {
-    let bytes: [u8; 32] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

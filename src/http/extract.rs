@@ -2,42 +2,29 @@
 
 use std::future::{Ready, ready};
 
-use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::header;
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
+use super::auth::Authenticator;
 use crate::domain::{EventId, IdempotencyKey, ReservationId, UserId};
 use crate::error::{ApiError, Code};
 
-/// The calling user, from the `X-User-Id` header set by a trusted gateway.
+/// The calling user: the bearer token's `sub`, or the gateway's `X-User-Id` in trusted-header
+/// mode (see [`super::auth::Authenticator::user`]).
 pub struct User(pub UserId);
-
-pub const USER_HEADER: &str = "x-user-id";
 
 impl FromRequest for User {
     type Error = ApiError;
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let parsed = match req.headers().get(USER_HEADER).map(|v| v.to_str()) {
-            None => Err(ApiError::new(
-                Code::MissingUser,
-                "The X-User-Id header is required.",
-            )),
-            Some(Err(_)) => Err(ApiError::new(
-                Code::MissingUser,
-                "X-User-Id may contain only visible ASCII characters.",
-            )),
-            Some(Ok(raw)) => UserId::parse(raw)
-                .map(User)
-                .map_err(|e| ApiError::new(Code::MissingUser, format!("X-User-Id is malformed: {e}."))),
-        };
-        ready(parsed)
+        ready(authenticator(req).and_then(|auth| auth.user(req.headers()).map(User)))
     }
 }
 
-/// An operator holding the admin bearer token.
+/// An operator: an admin token, or a user token with the admin role.
 pub struct Admin;
 
 impl FromRequest for Admin {
@@ -45,32 +32,14 @@ impl FromRequest for Admin {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let expected = req
-            .app_data::<web::Data<AppState>>()
-            .map(|s| s.admin_token.as_bytes());
-        let presented = bearer(req.headers());
-        ready(match (presented, expected) {
-            (None, _) => Err(ApiError::new(
-                Code::Unauthorized,
-                "An admin bearer token is required.",
-            )),
-            (Some(token), Some(expected))
-                if constant_time_eq::constant_time_eq(token.as_bytes(), expected) =>
-            {
-                Ok(Admin)
-            }
-            _ => Err(ApiError::new(
-                Code::Forbidden,
-                "This token does not grant admin access.",
-            )),
-        })
+        ready(authenticator(req).and_then(|auth| auth.admin(req.headers()).map(|()| Admin)))
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+fn authenticator(req: &HttpRequest) -> Result<&Authenticator, ApiError> {
+    req.app_data::<web::Data<AppState>>()
+        .map(|state| &*state.auth)
+        .ok_or_else(|| ApiError::new(Code::Internal, "The server is misconfigured."))
 }
 
 /// The optional `Idempotency-Key` header.

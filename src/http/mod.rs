@@ -6,6 +6,7 @@
 //! oversized body) through [`problem_safety_net`].
 
 mod admin;
+pub mod auth;
 pub mod docs;
 mod events;
 mod extract;
@@ -30,7 +31,7 @@ pub use observe::observe;
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub db: DatabaseConnection,
-    pub admin_token: String,
+    pub auth: Arc<auth::Authenticator>,
     pub body_limit: usize,
     pub persister_stats: Arc<PersisterStats>,
 }

@@ -15,11 +15,14 @@
 //! - `sold_out`: refusals at the edge after the last unit; keyed replays and restocks still work.
 //! - `observe`: `/metrics`, `X-Request-Id` on answers and log lines, `/openapi.json` and `/docs/`.
 //! - `shutdown`: SIGTERM mid-stampede drains (answers what is inside), exits 0, loses nothing.
+//! - `auth`: JWT users (HS256, RS256, ES256), bad tokens → 401, admin by token or role claim,
+//!   another user's token → 404, refusing trusted-header mode on a public address.
 //! - `negative_control`: the stampede check catches a check-then-decrement oversell.
 
 #[macro_use]
 mod helpers;
 
+mod auth;
 mod bad_input;
 mod events_admin;
 mod holds;
