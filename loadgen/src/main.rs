@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value, json};
@@ -67,6 +67,10 @@ struct TargetArgs {
     /// Give each request a new `X-User-Id: PREFIX-<connection>-<n>`.
     #[arg(long, value_name = "PREFIX")]
     distinct_users: Option<String>,
+    /// With `--distinct-users`: identify each user with an HS256 JWT signed with this secret
+    /// (`Authorization: Bearer`, `sub` = the user, valid for an hour) instead of `X-User-Id`.
+    #[arg(long, requires = "distinct_users")]
+    jwt_secret: Option<String>,
     /// Send this fixed `X-User-Id` on every request.
     #[arg(long, conflicts_with = "distinct_users")]
     user: Option<String>,
@@ -146,6 +150,21 @@ enum Users {
     None,
     Fixed(HeaderValue),
     Distinct(String),
+    /// Distinct users, each as a bearer token signed with the key.
+    DistinctJwt(String, jsonwebtoken::EncodingKey),
+}
+
+/// An HS256 token for `user`, valid for an hour from now.
+fn user_token(user: &str, key: &jsonwebtoken::EncodingKey) -> anyhow::Result<HeaderValue> {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs()
+        + 3600;
+    let claims = serde_json::json!({ "sub": user, "exp": exp });
+    let token =
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, key).context("signing a token")?;
+    HeaderValue::from_str(&format!("Bearer {token}")).context("a token header")
 }
 
 /// A parsed target: where to connect and how to build each request.
@@ -180,7 +199,13 @@ impl Template {
             headers.push((CONTENT_TYPE, HeaderValue::from_static("application/json")));
         }
         let users = match (&args.distinct_users, &args.user) {
-            (Some(prefix), _) => Users::Distinct(prefix.clone()),
+            (Some(prefix), _) => match &args.jwt_secret {
+                Some(secret) => Users::DistinctJwt(
+                    prefix.clone(),
+                    jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).context("the JWT secret")?,
+                ),
+                None => Users::Distinct(prefix.clone()),
+            },
             (None, Some(user)) => {
                 Users::Fixed(HeaderValue::from_str(user).with_context(|| format!("bad user {user:?}"))?)
             }
@@ -211,6 +236,9 @@ impl Template {
             Users::Fixed(user) => builder = builder.header(USER_HEADER, user.clone()),
             Users::Distinct(prefix) => {
                 builder = builder.header(USER_HEADER, format!("{prefix}-{conn}-{n}"));
+            }
+            Users::DistinctJwt(prefix, key) => {
+                builder = builder.header(AUTHORIZATION, user_token(&format!("{prefix}-{conn}-{n}"), key)?);
             }
         }
         builder
@@ -702,6 +730,7 @@ mod tests {
             method: None,
             body: Some(r#"{"quantity":1}"#.into()),
             distinct_users: Some("u".into()),
+            jwt_secret: None,
             user: None,
             headers: vec!["Authorization: Bearer t".into()],
             scenario: None,
@@ -713,6 +742,30 @@ mod tests {
         assert_eq!(req.headers()["content-type"], "application/json");
         assert_eq!(req.headers()["authorization"], "Bearer t");
         assert_eq!(req.headers()["host"], "127.0.0.1:1");
+        Ok(())
+    }
+
+    #[test]
+    fn distinct_users_as_signed_tokens() -> anyhow::Result<()> {
+        let secret = "a-test-secret-of-at-least-32-bytes!";
+        let args = TargetArgs {
+            url: "http://127.0.0.1:1/x".into(),
+            method: None,
+            body: None,
+            distinct_users: Some("u".into()),
+            jwt_secret: Some(secret.into()),
+            user: None,
+            headers: Vec::new(),
+            scenario: None,
+        };
+        let req = Template::new(&args, Method::POST)?.build(3, 9)?;
+        let header = req.headers()["authorization"].to_str()?;
+        let token = header.strip_prefix("Bearer ").context("a bearer token")?;
+        let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes())?;
+        let claims: serde_json::Value =
+            jsonwebtoken::decode(token, &key, &jsonwebtoken::Validation::default())?.claims;
+        assert_eq!(claims["sub"], "u-3-9");
+        assert!(req.headers().get("x-user-id").is_none());
         Ok(())
     }
 }
