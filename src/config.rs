@@ -10,6 +10,8 @@ use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::http::rate_limit::{RateLimitOverrides, RateLimitSettings};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "firstcome",
@@ -78,6 +80,9 @@ pub struct Overrides {
     #[arg(long, env = "FIRSTCOME_LOG_FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<String>,
+    #[command(flatten)]
+    #[serde(rename = "rate_limit")]
+    pub rate_limit: RateLimitOverrides,
 }
 
 /// The resolved settings.
@@ -94,6 +99,8 @@ pub struct Settings {
     pub body_limit: usize,
     pub mailbox_capacity: usize,
     pub log_format: String,
+    /// `[rate_limit]` in the file.
+    pub rate_limit: RateLimitSettings,
 }
 
 impl std::fmt::Debug for Settings {
@@ -109,6 +116,7 @@ impl std::fmt::Debug for Settings {
             .field("max_batch", &self.max_batch)
             .field("body_limit", &self.body_limit)
             .field("mailbox_capacity", &self.mailbox_capacity)
+            .field("rate_limit", &self.rate_limit)
             .finish()
     }
 }
@@ -137,6 +145,7 @@ impl Default for Settings {
             body_limit: 16 * 1024,
             mailbox_capacity: 4096,
             log_format: "text".into(),
+            rate_limit: RateLimitSettings::default(),
         }
     }
 }

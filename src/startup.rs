@@ -3,6 +3,7 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::dev::Server;
@@ -13,6 +14,7 @@ use rand::Rng;
 
 use crate::actors::{Persister, PersisterStats, Registry};
 use crate::config::Settings;
+use crate::http::rate_limit::{RateLimit, RateLimits};
 use crate::http::{self, AppState};
 use crate::store::{self, Backend};
 
@@ -65,6 +67,12 @@ impl Application {
             persister_stats: stats,
         });
 
+        let rate_limits = settings.rate_limit.enabled.then(|| {
+            let limits = Arc::new(RateLimits::new(&settings.rate_limit));
+            limits.spawn_pruning(Duration::from_secs(settings.rate_limit.prune_interval_secs));
+            limits
+        });
+
         let listener =
             TcpListener::bind(&settings.bind).with_context(|| format!("binding {}", settings.bind))?;
         let port = listener.local_addr().context("reading the bound address")?.port();
@@ -76,6 +84,7 @@ impl Application {
             App::new()
                 .app_data(state.clone())
                 .wrap(ErrorHandlers::new().default_handler(http::problem_safety_net))
+                .wrap(RateLimit::new(rate_limits.clone()))
                 .configure(http::configure)
                 .default_service(web::to(http::not_found))
         })

@@ -9,6 +9,7 @@ mod admin;
 mod events;
 mod extract;
 mod health;
+pub mod rate_limit;
 mod reservations;
 
 use std::sync::Arc;
