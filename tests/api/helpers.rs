@@ -792,8 +792,6 @@ pub struct Outcome {
     pub unanswered: Vec<String>,
     /// The slowest answer, for the failure messages.
     pub slowest: Duration,
-    /// How long each refusal took, by `"<status> <code>"`.
-    pub refusal_times: BTreeMap<String, Vec<Duration>>,
     /// The first reply of each kind of refusal, for assertions on its headers and body.
     pub refusal_samples: BTreeMap<String, Reply>,
 }
@@ -878,7 +876,6 @@ impl Stampede {
                 }
                 Ok(reply) => {
                     let key = format!("{} {}", reply.status.as_u16(), reply.code().unwrap_or("-"));
-                    outcome.refusal_times.entry(key.clone()).or_default().push(took);
                     *outcome.refused.entry(key.clone()).or_default() += 1;
                     outcome.refusal_samples.entry(key).or_insert(reply);
                 }

@@ -77,7 +77,11 @@ async fn a_flood_from_one_user_gets_429_with_retry_after_and_waiting_that_long_i
     .await?;
 
     // Assert
-    assert_eq!(count(&replies, 201), 3, "the burst passes, nothing more: {replies:#?}");
+    assert_eq!(
+        count(&replies, 201),
+        3,
+        "the burst passes, nothing more: {replies:#?}"
+    );
     for reply in replies.iter().filter(|r| r.status.as_u16() != 201) {
         assert_limited(reply, "writes-user", 3, 3);
     }
@@ -87,7 +91,12 @@ async fn a_flood_from_one_user_gets_429_with_retry_after_and_waiting_that_long_i
         .iter()
         .find(|r| r.status.as_u16() == 429)
         .ok_or_else(|| anyhow::anyhow!("nothing was limited"))?;
-    assert_limited(&app.reserve(event, "flooder", None, None).await?, "writes-user", 3, 3);
+    assert_limited(
+        &app.reserve(event, "flooder", None, None).await?,
+        "writes-user",
+        3,
+        3,
+    );
 
     // Act: wait as told.
     let wait: u64 = refused.header("retry-after").unwrap_or("1").parse()?;
@@ -116,7 +125,12 @@ async fn writes_and_reads_have_separate_quotas() -> anyhow::Result<()> {
 
     // Act + Assert: writes exhausted, reads still pass.
     let reservation = app.reserve_ok(event, "ana", None).await?;
-    assert_limited(&app.reserve(event, "ana", None, None).await?, "writes-user", 1, 60);
+    assert_limited(
+        &app.reserve(event, "ana", None, None).await?,
+        "writes-user",
+        1,
+        60,
+    );
     let id = reservation["id"].as_str().unwrap_or_default().to_owned();
     assert_limited(&app.cancel(&id, "ana").await?, "writes-user", 1, 60);
     send(read_event()).await?.assert_status(200);
@@ -159,7 +173,12 @@ async fn one_ip_is_limited_across_all_its_users() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_forwarded_for_counts_only_when_the_peer_is_a_trusted_proxy() -> anyhow::Result<()> {
-    let quota = ["--rate-limit-writes-per-user", "off", "--rate-limit-writes-per-ip", "2/min burst 2"];
+    let quota = [
+        "--rate-limit-writes-per-user",
+        "off",
+        "--rate-limit-writes-per-ip",
+        "2/min burst 2",
+    ];
     let claim = |app: &TestApp, event: i64, user: usize, forwarded: String| {
         app.as_user(
             Method::POST,
@@ -188,7 +207,11 @@ async fn x_forwarded_for_counts_only_when_the_peer_is_a_trusted_proxy() -> anyho
     for i in 0..4 {
         replies.push(send(claim(&proxied, event, i, format!("198.51.100.{i}"))).await?);
     }
-    assert_eq!(count(&replies, 201), 4, "four clients, one request each: {replies:#?}");
+    assert_eq!(
+        count(&replies, 201),
+        4,
+        "four clients, one request each: {replies:#?}"
+    );
     // One client behind the proxy, forging other addresses to the left of the proxy's entry
     // and reached through a second trusted hop.
     let mut replies = Vec::new();
@@ -222,7 +245,10 @@ async fn admin_and_probe_routes_are_never_limited() -> anyhow::Result<()> {
         requests.push(app.request(Method::GET, "/readyz"));
         requests.push(app.request(Method::GET, "/metrics"));
         requests.push(app.admin(Method::GET, "/v1/admin/stats"));
-        requests.push(app.admin(Method::GET, "/v1/admin/stats").header("x-user-id", "ops"));
+        requests.push(
+            app.admin(Method::GET, "/v1/admin/stats")
+                .header("x-user-id", "ops"),
+        );
         requests.push(
             app.admin(Method::PATCH, &format!("/v1/events/{event}"))
                 .json(&serde_json::json!({ "stock": 100 })),
