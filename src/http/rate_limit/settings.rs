@@ -200,11 +200,16 @@ impl Default for RateLimitSettings {
 #[derive(Debug, Default, Args, Serialize)]
 pub struct RateLimitOverrides {
     /// Rate limiting on or off (`true`/`false`) [default: true].
-    #[arg(long = "rate-limit", env = "FIRSTCOME_RATE_LIMIT")]
+    #[arg(long = "rate-limit", env = "FIRSTCOME_RATE_LIMIT", value_name = "BOOL")]
     #[serde(rename = "enabled", skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// Proxies (IPs or CIDRs, comma-separated) whose X-Forwarded-For names the client [default: none].
-    #[arg(long, env = "FIRSTCOME_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "FIRSTCOME_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "NETS"
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trusted_proxies: Option<Vec<String>>,
     /// Seconds between prunings of idle rate-limit keys [default: 60].
