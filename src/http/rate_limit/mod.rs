@@ -160,7 +160,7 @@ pub struct RateLimits {
     classes: [ClassLimits; 3],
     proxies: TrustedProxies,
     /// why: user keys are stored as a seeded 64-bit hash, so the hot path never allocates and
-    /// a million keys take 16 bytes each; the seed keeps collisions unguessable.
+    /// each key is 16 bytes of state; the per-process seed keeps collisions unguessable.
     user_hasher: Hasher,
 }
 
