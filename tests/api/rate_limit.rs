@@ -289,3 +289,29 @@ async fn websocket_connects_have_their_own_quota() -> anyhow::Result<()> {
     assert_ne!(other.status.as_u16(), 429, "another user connects: {other}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_quotas_let_a_user_burst_ten_writes_and_refuse_the_eleventh() -> anyhow::Result<()> {
+    let _quiet = quiet_machine().await;
+    // Arrange: rate limiting on with the shipped quotas (5/s burst 10 writes per user).
+    let app = limited_app(&[]).await?;
+    let event = app.coupon_event(1_000, 100).await?;
+
+    // Act
+    let path = format!("/v1/events/{event}/reservations");
+    let replies = burst(
+        (0..11)
+            .map(|_| app.as_user(Method::POST, &path, "eager"))
+            .collect(),
+    )
+    .await?;
+
+    // Assert
+    assert_eq!(count(&replies, 201), 10, "{replies:#?}");
+    let refused = replies
+        .iter()
+        .find(|r| r.status.as_u16() == 429)
+        .ok_or_else(|| anyhow::anyhow!("the 11th write passed"))?;
+    assert_limited(refused, "writes-user", 10, 2);
+    Ok(())
+}
