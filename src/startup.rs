@@ -59,18 +59,19 @@ impl Application {
             tracing::info!(token = %token, "no FIRSTCOME_ADMIN_TOKEN set; generated this admin token");
             token
         });
+        let rate_limits = settings.rate_limit.enabled.then(|| {
+            let limits = Arc::new(RateLimits::new(&settings.rate_limit));
+            limits.spawn_pruning(Duration::from_secs(settings.rate_limit.prune_interval_secs));
+            limits
+        });
+
         let state = web::Data::new(AppState {
             registry: registry.clone(),
             db,
             admin_token,
             body_limit: settings.body_limit,
             persister_stats: stats,
-        });
-
-        let rate_limits = settings.rate_limit.enabled.then(|| {
-            let limits = Arc::new(RateLimits::new(&settings.rate_limit));
-            limits.spawn_pruning(Duration::from_secs(settings.rate_limit.prune_interval_secs));
-            limits
+            rate_limits: rate_limits.clone(),
         });
 
         let listener =

@@ -12,7 +12,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/v1/admin/stats").route(web::get().to(stats)));
 }
 
-/// Persister batching figures and event-actor restarts, for operators and the benchmark.
+/// Persister batching figures, event-actor restarts and rate-limit refusals, for operators and
+/// the benchmark.
 async fn stats(_: Admin, state: web::Data<AppState>) -> HttpResponse {
     let lifecycle = state.registry.lifecycle();
     json(
@@ -23,6 +24,10 @@ async fn stats(_: Admin, state: web::Data<AppState>) -> HttpResponse {
                 "starts": lifecycle.starts.load(Ordering::Relaxed),
                 "restarts": lifecycle.restarts.load(Ordering::Relaxed),
             },
+            "rate_limits": state.rate_limits.as_ref().map(|limits| json!({
+                "refused": limits.refused(),
+                "keys": limits.keys(),
+            })),
         }),
     )
 }

@@ -30,6 +30,8 @@ pub struct AppState {
     pub admin_token: String,
     pub body_limit: usize,
     pub persister_stats: Arc<PersisterStats>,
+    /// `None` when rate limiting is off.
+    pub rate_limits: Option<Arc<rate_limit::RateLimits>>,
 }
 
 /// Registers every route.

@@ -265,6 +265,9 @@ async fn admin_and_probe_routes_are_never_limited() -> anyhow::Result<()> {
     // Control: the limits are on in this server.
     app.get_event(event).await?.assert_status(200);
     assert_limited(&app.get_event(event).await?, "reads-ip", 1, 60);
+    let stats = send(app.admin(Method::GET, "/v1/admin/stats")).await?;
+    assert_eq!(stats.body["rate_limits"]["refused"], 1, "{stats}");
+    assert!(stats.body["rate_limits"]["keys"].as_u64() >= Some(1), "{stats}");
     Ok(())
 }
 

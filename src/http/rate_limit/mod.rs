@@ -15,6 +15,7 @@ mod settings;
 use std::future::{Ready, ready};
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -162,6 +163,8 @@ pub struct RateLimits {
     /// why: user keys are stored as a seeded 64-bit hash, so the hot path never allocates and
     /// each key is 16 bytes of state; the per-process seed keeps collisions unguessable.
     user_hasher: Hasher,
+    /// Requests answered 429, for the admin stats.
+    refused: AtomicU64,
 }
 
 /// A refusal: which policy and how long to wait.
@@ -223,6 +226,7 @@ impl RateLimits {
             classes,
             proxies: TrustedProxies::new(&settings.trusted_proxies),
             user_hasher: Hasher::default(),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -249,6 +253,11 @@ impl RateLimits {
             scoped.check(&key).map_err(|wait| limited(scoped, wait))?;
         }
         Ok(())
+    }
+
+    /// Requests refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Keys held across all limiters.
@@ -352,6 +361,7 @@ where
         if let Some(limits) = &self.limits
             && let Err(limited) = limits.check(&req)
         {
+            limits.refused.fetch_add(1, Ordering::Relaxed);
             let response = req.into_response(limited.response()).map_into_right_body();
             return Either::Left(ready(Ok(response)));
         }
