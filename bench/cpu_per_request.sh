@@ -17,7 +17,8 @@ url=${DATABASE_URL:-sqlite://$PWD/$dir/cpu.db}
 token=cpu-bench-token
 tick=$(getconf CLK_TCK)
 
-FIRSTCOME_ADMIN_TOKEN=$token RUST_LOG=warn target/release/firstcome serve \
+# Rate limits off by default: one load-generator IP would be refused by the per-IP quotas.
+FIRSTCOME_ADMIN_TOKEN=$token FIRSTCOME_RATE_LIMIT=${FIRSTCOME_RATE_LIMIT:-false} RUST_LOG=warn target/release/firstcome serve \
   --bind 127.0.0.1:0 --database-url "$url" > "$dir/stdout" 2> "$dir/stderr" &
 server=$!
 trap 'kill $server 2>/dev/null; rm -rf "$dir"' EXIT

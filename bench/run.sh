@@ -19,6 +19,9 @@
 #                disk, not tmpfs, or SQLite's fsyncs cost nothing  [target/bench]
 #   KEEP=1       keep BENCH_DIR's run folder afterwards (raw JSON lines are in results.jsonl)
 #   SKIP_BUILD=1 use the binaries already in target/release
+#   FIRSTCOME_RATE_LIMIT  rate limits on the server under test [false: the load generator is
+#                one IP sending tens of thousands of requests a second, which the default
+#                per-IP quotas would refuse; set quotas with FIRSTCOME_RATE_LIMIT_* to measure them]
 #
 # Each round runs, on the same server and back to back:
 #   a. GET /healthz, closed loop                  (the HTTP ceiling: no I/O)
@@ -109,7 +112,7 @@ BASE=
 SERVER_SETTINGS=
 start_server() { # name database-url
     local name=$1 url=$2 out=$WORK/server-$1.out
-    FIRSTCOME_ADMIN_TOKEN=$TOKEN "$SERVER" serve --bind 127.0.0.1:0 --database-url "$url" \
+    FIRSTCOME_ADMIN_TOKEN=$TOKEN FIRSTCOME_RATE_LIMIT=${FIRSTCOME_RATE_LIMIT:-false} "$SERVER" serve --bind 127.0.0.1:0 --database-url "$url" \
         >"$out" 2>"$WORK/server-$name.log" &
     SERVER_PID=$!
     for _ in $(seq 1 600); do

@@ -10,6 +10,8 @@ use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::http::rate_limit::{RateLimitOverrides, RateLimitSettings};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "firstcome",
@@ -131,6 +133,9 @@ pub struct Overrides {
     #[arg(long, env = "FIRSTCOME_JWT_ADMIN_ROLE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_admin_role: Option<String>,
+    #[command(flatten)]
+    #[serde(rename = "rate_limit")]
+    pub rate_limit: RateLimitOverrides,
 }
 
 /// How the caller of a user route is identified.
@@ -171,6 +176,8 @@ pub struct Settings {
     pub jwt_leeway_seconds: u64,
     pub jwt_admin_claim: String,
     pub jwt_admin_role: String,
+    /// `[rate_limit]` in the file.
+    pub rate_limit: RateLimitSettings,
 }
 
 impl std::fmt::Debug for Settings {
@@ -201,6 +208,7 @@ impl std::fmt::Debug for Settings {
             .field("jwt_leeway_seconds", &self.jwt_leeway_seconds)
             .field("jwt_admin_claim", &self.jwt_admin_claim)
             .field("jwt_admin_role", &self.jwt_admin_role)
+            .field("rate_limit", &self.rate_limit)
             .finish()
     }
 }
@@ -241,6 +249,7 @@ impl Default for Settings {
             jwt_leeway_seconds: 5,
             jwt_admin_claim: "roles".into(),
             jwt_admin_role: "admin".into(),
+            rate_limit: RateLimitSettings::default(),
         }
     }
 }

@@ -61,7 +61,9 @@ error_codes! {
     InvalidQuantity => UNPROCESSABLE_ENTITY, "invalid_quantity", "The quantity is not allowed";
     InvalidEvent => UNPROCESSABLE_ENTITY, "invalid_event", "The event settings are not valid";
     IdempotencyKeyReused => UNPROCESSABLE_ENTITY, "idempotency_key_reused", "This Idempotency-Key was used with a different request";
+    RateLimited => TOO_MANY_REQUESTS, "rate_limited", "Too many requests";
     Unavailable => SERVICE_UNAVAILABLE, "unavailable", "The service cannot commit right now";
+    Overloaded => SERVICE_UNAVAILABLE, "overloaded", "The server is too busy to take this request now";
     Internal => INTERNAL_SERVER_ERROR, "internal", "Internal error";
 }
 
@@ -110,6 +112,13 @@ impl ApiError {
         Self::new(Code::Unavailable, detail)
     }
 
+    /// Shed at the edge because the work queue is full; nothing was changed. Logged at debug
+    /// level only: under overload this is the hot path and must stay cheap.
+    pub fn overloaded(why: &'static str) -> Self {
+        tracing::debug!(why, "answering 503 overloaded");
+        Self::new(Code::Overloaded, why)
+    }
+
     /// The database could not be reached or could not commit; nothing was changed.
     pub fn unavailable(error: impl std::fmt::Display) -> Self {
         tracing::warn!(%error, "answering 503");
@@ -140,7 +149,7 @@ impl ResponseError for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         ));
-        if self.code == Code::Unavailable {
+        if matches!(self.code, Code::Unavailable | Code::Overloaded) {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS));
         }
         // why: RFC 9110 requires a challenge on every 401; RFC 6750 names the error only when

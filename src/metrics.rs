@@ -30,6 +30,8 @@ pub const ACTOR_QUEUE_DEPTH: &str = "firstcome_event_actor_queue_depth";
 pub const ACTOR_QUEUE_DEPTH_MAX: &str = "firstcome_event_actor_queue_depth_max";
 /// Gauge: event actors running.
 pub const EVENT_ACTORS: &str = "firstcome_event_actors";
+/// Counter: requests refused with 429 by a rate limit.
+pub const RATE_LIMITED_TOTAL: &str = "firstcome_rate_limited_requests_total";
 /// Counter: requests shed with 503 because an event actor's queue was full.
 pub const SHED_TOTAL: &str = "firstcome_shed_requests_total";
 
@@ -100,6 +102,7 @@ fn describe() {
     );
     describe_gauge!(ACTOR_QUEUE_DEPTH_MAX, "The deepest event actor queue");
     describe_gauge!(EVENT_ACTORS, "Event actors running");
+    describe_counter!(RATE_LIMITED_TOTAL, "Requests refused with 429 by a rate limit");
     describe_counter!(
         SHED_TOTAL,
         "Requests shed with 503 because an event actor's queue was full"

@@ -15,6 +15,7 @@ use crate::actors::persister::WriteAndWait;
 use crate::actors::{Persister, PersisterStats, Registry};
 use crate::config::Settings;
 use crate::http::auth::Authenticator;
+use crate::http::rate_limit::{RateLimit, RateLimits};
 use crate::http::{self, AppState};
 use crate::shutdown::{self, Drain};
 use crate::store::{self, Backend};
@@ -63,12 +64,19 @@ impl Application {
             settings.mailbox_capacity,
         ));
 
+        let rate_limits = settings.rate_limit.enabled.then(|| {
+            let limits = Arc::new(RateLimits::new(&settings.rate_limit));
+            limits.spawn_pruning(Duration::from_secs(settings.rate_limit.prune_interval_secs));
+            limits
+        });
+
         let state = web::Data::new(AppState {
             registry: registry.clone(),
             db,
             auth,
             body_limit: settings.body_limit,
             persister_stats: stats,
+            rate_limits: rate_limits.clone(),
         });
 
         let metrics = web::Data::new(crate::metrics::install()?);
@@ -88,6 +96,7 @@ impl Application {
                 .app_data(metrics.clone())
                 .app_data(server_drain.clone())
                 .wrap(ErrorHandlers::new().default_handler(http::problem_safety_net))
+                .wrap(RateLimit::new(rate_limits.clone()))
                 .wrap(from_fn(shutdown::track))
                 .wrap(from_fn(http::observe))
                 .configure(http::configure)

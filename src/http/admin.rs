@@ -13,7 +13,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/v1/admin/stats").route(web::get().to(stats)));
 }
 
-/// Persister batching figures and event-actor restarts, for operators and the benchmark.
+/// Persister batching figures, event-actor restarts and rate-limit refusals, for operators and
+/// the benchmark.
 #[utoipa::path(get, path = "/v1/admin/stats", tag = "admin", security(("admin_token" = [])), responses(
     (status = 200, description = "Persister batching figures and event-actor restarts"),
     (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -28,6 +29,10 @@ pub(super) async fn stats(_: Admin, state: web::Data<AppState>) -> HttpResponse 
                 "starts": lifecycle.starts.load(Ordering::Relaxed),
                 "restarts": lifecycle.restarts.load(Ordering::Relaxed),
             },
+            "rate_limits": state.rate_limits.as_ref().map(|limits| json!({
+                "refused": limits.refused(),
+                "keys": limits.keys(),
+            })),
         }),
     )
 }

@@ -12,6 +12,7 @@ mod events;
 mod extract;
 mod health;
 mod observe;
+pub mod rate_limit;
 mod reservations;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub auth: Arc<auth::Authenticator>,
     pub body_limit: usize,
     pub persister_stats: Arc<PersisterStats>,
+    /// `None` when rate limiting is off.
+    pub rate_limits: Option<Arc<rate_limit::RateLimits>>,
 }
 
 /// Registers every route.

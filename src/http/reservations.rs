@@ -187,19 +187,25 @@ where
 }
 
 /// Hands a request to the event's actor if its queue has room; otherwise sheds it at once with
-/// 503 rather than queue it without bound.
+/// 503 `overloaded` rather than queue it without bound.
 fn send_queued<M>(event: &EventHandle, message: M) -> Result<(), ApiError>
 where
     M: actix::Message<Result = ()> + Send + 'static,
     EventActor: actix::Handler<M>,
 {
+    const SHED: &str = "This event's queue is full; nothing was changed. Retry after Retry-After seconds.";
     if !event.admission.enqueue() {
         metrics::counter!(crate::metrics::SHED_TOTAL).increment(1);
-        return Err(ApiError::unavailable("the event's queue is full"));
+        return Err(ApiError::overloaded(SHED));
     }
-    event.addr.try_send(message).map_err(|_| {
+    event.addr.try_send(message).map_err(|error| {
         event.admission.dequeued();
-        ApiError::unavailable("the event's actor is not accepting messages")
+        match error {
+            actix::prelude::SendError::Full(_) => ApiError::overloaded(SHED),
+            actix::prelude::SendError::Closed(_) => {
+                ApiError::unavailable("the event's actor is not accepting messages")
+            }
+        }
     })
 }
 

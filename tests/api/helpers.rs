@@ -337,6 +337,10 @@ impl Server {
                 command.env_remove(name);
             }
         }
+        // why: every test talks from 127.0.0.1, and the stampedes send up to 1,500 requests at
+        // once; rate limits are off unless a test opts in with `--rate-limit true` (flags win
+        // over the environment).
+        command.env("FIRSTCOME_RATE_LIMIT", "false");
         let child = command.spawn().context("starting the firstcome binary")?;
         let mut server = Server { child, port: 0 };
         let stdout = server.child.stdout.take().context("no stdout pipe")?;
@@ -818,6 +822,8 @@ pub struct Outcome {
     pub unanswered: Vec<String>,
     /// The slowest answer, for the failure messages.
     pub slowest: Duration,
+    /// The first reply of each kind of refusal, for assertions on its headers and body.
+    pub refusal_samples: BTreeMap<String, Reply>,
 }
 
 impl Outcome {
@@ -900,7 +906,8 @@ impl Stampede {
                 }
                 Ok(reply) => {
                     let key = format!("{} {}", reply.status.as_u16(), reply.code().unwrap_or("-"));
-                    *outcome.refused.entry(key).or_default() += 1;
+                    *outcome.refused.entry(key.clone()).or_default() += 1;
+                    outcome.refusal_samples.entry(key).or_insert(reply);
                 }
                 Err(error) => outcome.unanswered.push(format!("{error:#}")),
             }

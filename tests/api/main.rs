@@ -11,6 +11,7 @@
 //! - `bad_input`: malformed requests → problem+json, never a 500, nothing changed; limits.
 //! - `events_admin`: admin auth, event validation, stock changes, closing, sales windows.
 //! - `ownership`: someone else's reservation is a 404 and stays unchanged.
+//! - `rate_limit`: 429 with Retry-After and RateLimit headers per user, per IP, per class.
 //! - `shedding`: a full event mailbox answers 503 at once; shed claims leave nothing behind.
 //! - `sold_out`: refusals at the edge after the last unit; keyed replays and restocks still work.
 //! - `observe`: `/metrics`, `X-Request-Id` on answers and log lines, `/openapi.json` and `/docs/`.
@@ -32,6 +33,7 @@ mod negative_control;
 mod observe;
 mod outage;
 mod ownership;
+mod rate_limit;
 mod restart;
 mod shedding;
 mod shutdown;
