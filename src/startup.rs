@@ -11,7 +11,7 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use rand::Rng;
 
-use crate::actors::{Persister, PersisterStats, Registry};
+use crate::actors::{LiveHub, LiveSettings, Persister, PersisterStats, Registry};
 use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::store::{self, Backend};
@@ -45,12 +45,10 @@ impl Application {
             .map(|_| Arbiter::new().handle())
             .collect();
         let share_workers = settings.event_arbiters == 0;
-        let registry = Arc::new(Registry::new(
-            arbiters,
-            db.clone(),
-            persister,
-            settings.mailbox_capacity,
-        ));
+        let registry = Arc::new(
+            Registry::new(arbiters, db.clone(), persister, settings.mailbox_capacity)
+                .with_live(Arc::new(LiveHub::new(LiveSettings::from_settings(&settings)))),
+        );
 
         let admin_token = settings.admin_token.clone().unwrap_or_else(|| {
             let token = generate_token();

@@ -30,6 +30,7 @@ use sea_orm::DatabaseConnection;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::live::{LiveChannel, LivePublisher};
 use super::persister::{Committed, Persister, Submit, WriteAndWait};
 use crate::domain::{
     Event, EventId, EventKind, EventPatch, EventStatus, IdempotencyKey, Invalid, Inventory, Quantity,
@@ -301,6 +302,10 @@ pub struct EventActor {
     /// [`FlushWrites`]: one cross-thread wake-up per run instead of one per request.
     outbox: Vec<(u64, WriteOp)>,
     admission: Arc<Admission>,
+    /// The event's live broadcaster (WebSocket sessions), told after commits settle.
+    live: LivePublisher,
+    /// Set while a coalesced live message or a window edge is waiting.
+    live_timer: Option<SpawnHandle>,
 }
 
 impl EventActor {
@@ -310,6 +315,7 @@ impl EventActor {
         persister: Addr<Persister>,
         lifecycle: Arc<Lifecycle>,
         admission: Arc<Admission>,
+        live: Arc<LiveChannel>,
     ) -> Self {
         Self {
             id,
@@ -324,6 +330,8 @@ impl EventActor {
             notify: None,
             outbox: Vec::new(),
             admission,
+            live: LivePublisher::new(live),
+            live_timer: None,
         }
     }
 
@@ -369,6 +377,7 @@ impl EventActor {
         tracing::debug!(event = %self.id, held = ledger.held, sold = ledger.sold, "event state loaded");
         self.phase = Phase::Ready(Box::new(ledger));
         self.publish();
+        self.publish_live(ctx);
         for reservation in overdue {
             self.submit(ctx, reservation, ReservationStatus::Expired, None);
         }
@@ -384,6 +393,31 @@ impl EventActor {
             _ => None,
         };
         self.admission.publish(ledger, crate::domain::now());
+    }
+
+    /// Tells WebSocket listeners about the committed state; never waits. A coalesced message
+    /// (or a window edge) that is due later is sent by a timer.
+    fn publish_live(&mut self, ctx: &mut Context<Self>) {
+        let Phase::Ready(ledger) = &self.phase else {
+            return;
+        };
+        let inventory = ledger.inventory();
+        // why: `sold_out` is announced once the last unit's commit has landed, not when it is
+        // only taken; this scan runs only while nothing remains.
+        let settled = inventory.remaining() > 0
+            || !self
+                .pending
+                .values()
+                .any(|p| p.epoch == self.epoch && matches!(p.kind, PendingKind::Created { .. }));
+        let wake = self.live.publish(&ledger.event, inventory, settled);
+        if let Some(after) = wake
+            && self.live_timer.is_none()
+        {
+            self.live_timer = Some(ctx.run_later(after, |act, ctx| {
+                act.live_timer = None;
+                act.publish_live(ctx);
+            }));
+        }
     }
 
     fn ledger(&mut self) -> Result<&mut Ledger, Refusal> {
@@ -593,6 +627,7 @@ impl EventActor {
             self.reload(ctx);
         } else {
             self.publish();
+            self.publish_live(ctx);
         }
     }
 
@@ -841,6 +876,7 @@ impl Supervised for EventActor {
         self.flush_writes(ctx);
         // The context dropped its timers; `loaded` starts a new one.
         self.expiry_timer = None;
+        self.live_timer = None;
         tracing::warn!(event = %self.id, "event actor restarting");
     }
 }
@@ -931,6 +967,7 @@ impl Handler<UpdateEvent> for EventActor {
                     ledger.event = next;
                     let snapshot = ledger.snapshot(crate::domain::now());
                     act.publish();
+                    act.publish_live(ctx);
                     Ok(snapshot)
                 }
                 _ => {
@@ -962,6 +999,7 @@ mod tests {
     use sea_orm::ConnectionTrait;
 
     use super::*;
+    use crate::actors::live::{LiveHub, LiveSettings};
     use crate::actors::persister::PersisterStats;
     use crate::domain::EventSpec;
     use crate::store::Backend;
@@ -992,7 +1030,14 @@ mod tests {
         let actor = {
             let (db, lifecycle) = (db.clone(), lifecycle.clone());
             Supervisor::start(move |_| {
-                EventActor::new(event.id, db, persister, lifecycle, Arc::new(Admission::new(64)))
+                EventActor::new(
+                    event.id,
+                    db,
+                    persister,
+                    lifecycle,
+                    Arc::new(Admission::new(64)),
+                    LiveHub::new(LiveSettings::default()).channel(event.id),
+                )
             })
         };
         Ok(Harness {

@@ -9,6 +9,7 @@ mod admin;
 mod events;
 mod extract;
 mod health;
+mod live;
 mod reservations;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     events::configure(cfg);
     reservations::configure(cfg);
     admin::configure(cfg);
+    live::configure(cfg);
 }
 
 /// The answer to a path that names no route.

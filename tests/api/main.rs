@@ -13,6 +13,8 @@
 //! - `ownership`: someone else's reservation is a 404 and stays unchanged.
 //! - `shedding`: a full event mailbox answers 503 at once; shed claims leave nothing behind.
 //! - `sold_out`: refusals at the edge after the last unit; keyed replays and restocks still work.
+//! - `live`: the WebSocket notifications: snapshot, sold-out/restock/close pushes, coalescing,
+//!   Origin, size and heartbeat limits.
 //! - `negative_control`: the stampede check catches a check-then-decrement oversell.
 
 #[macro_use]
@@ -23,6 +25,7 @@ mod events_admin;
 mod holds;
 mod idempotency;
 mod limits;
+mod live;
 mod negative_control;
 mod outage;
 mod ownership;
