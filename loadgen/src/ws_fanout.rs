@@ -172,7 +172,11 @@ pub async fn ws_fanout(args: FanoutArgs) -> anyhow::Result<Value> {
     report.insert("before_201".into(), json!(before_201));
     report.insert(
         "all_delivered_ms".into(),
-        json!(if delivered == args.clients { ms(from_201.max()) } else { f64::NAN }),
+        json!(if delivered == args.clients {
+            ms(from_201.max())
+        } else {
+            f64::NAN
+        }),
     );
     percentiles(&from_201, &mut report, "");
     percentiles(&from_request, &mut report, "from_request_");

@@ -162,6 +162,12 @@ struct FlushWrites;
 #[rtype(result = "Result<EventSnapshot, Refusal>")]
 pub struct Snapshot;
 
+/// A WebSocket client has just subscribed to the event's live channel: re-arm the live timer,
+/// so a window edge ahead (`closes_at`) is announced on time.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Listening;
+
 /// Change stock, window or closed flag; answered after the change commits.
 #[derive(Message)]
 #[rtype(result = "Result<EventSnapshot, Refusal>")]
@@ -920,6 +926,14 @@ impl Handler<Snapshot> for EventActor {
 
     fn handle(&mut self, _: Snapshot, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, Err(Refusal::Unavailable), |act, _| act.snapshot())
+    }
+}
+
+impl Handler<Listening> for EventActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Listening, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |act, ctx| act.publish_live(ctx));
     }
 }
 

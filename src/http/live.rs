@@ -24,7 +24,7 @@ use tokio::time::{Instant, timeout};
 
 use super::extract::event_id;
 use super::{AppState, resource};
-use crate::actors::event::Snapshot;
+use crate::actors::event::{Listening, Snapshot};
 use crate::actors::live::{Frame, SessionGuard};
 use crate::domain::UserId;
 use crate::error::{ApiError, Code};
@@ -87,6 +87,7 @@ async fn live(
         shutdown: hub.shutdown_signal(),
         _open: hub.session_started(),
     };
+    event.addr.do_send(Listening);
     actix_web::rt::spawn(socket.run(snapshot.text));
     Ok(response)
 }

@@ -252,6 +252,28 @@ async fn closing_the_event_pushes_closed() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clock_passing_closes_at_pushes_closed() -> anyhow::Result<()> {
+    // Arrange
+    let app = TestApp::spawn(Backend::Sqlite).await?;
+    let closes_at = chrono::Utc::now() + chrono::TimeDelta::milliseconds(1200);
+    let event = app
+        .create_event(json!({
+            "name": "closing soon", "kind": "coupon", "stock": 10, "closes_at": closes_at,
+        }))
+        .await?;
+    let (mut ws, snapshot) = listen(&app, event).await?;
+    assert_eq!(snapshot["status"], "open", "{snapshot}");
+
+    // Act: nobody reserves; only the clock moves
+    let pushed = next_message(&mut ws).await?;
+
+    // Assert
+    assert_eq!(pushed["type"], "closed", "{pushed}");
+    assert!(chrono::Utc::now() >= closes_at, "announced before closes_at");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_origin_is_refused_with_403_before_the_upgrade() -> anyhow::Result<()> {
     // Arrange
     let app = TestApp::spawn_with(Backend::Sqlite, &["--ws-allowed-origins", "https://shop.example"]).await?;
