@@ -77,6 +77,8 @@ impl Application {
                 .configure(http::configure)
                 .default_service(web::to(http::not_found))
         })
+        // why: WebSocket pushes are small writes; Nagle would hold one behind an unacknowledged ping.
+        .tcp_nodelay(true)
         .workers(settings.http_workers.max(1))
         .listen(listener)
         .context("starting the HTTP server")?

@@ -50,9 +50,14 @@ pub struct FanoutArgs {
     settle_ms: u64,
 }
 
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// How one client ended.
 enum Seen {
-    SoldOut(Instant),
+    /// When it read `sold_out`, and its socket, kept open until every client is counted: a
+    /// client closing as soon as it is served would make the server tear connections down
+    /// while it is still fanning out, and time that instead.
+    SoldOut(Instant, Box<Ws>),
     Closed(String),
 }
 
@@ -102,7 +107,7 @@ pub async fn ws_fanout(args: FanoutArgs) -> anyhow::Result<Value> {
             while let Some(message) = ws.next().await {
                 match message {
                     Ok(Message::Text(t)) if t.as_str().contains(r#""type":"sold_out""#) => {
-                        return Seen::SoldOut(Instant::now());
+                        return Seen::SoldOut(Instant::now(), Box::new(ws));
                     }
                     Ok(Message::Close(frame)) => return Seen::Closed(format!("close {frame:?}")),
                     Ok(_) => {}
@@ -145,9 +150,11 @@ pub async fn ws_fanout(args: FanoutArgs) -> anyhow::Result<Value> {
     let mut from_201 = histogram()?;
     let mut from_request = histogram()?;
     let (mut delivered, mut before_201, mut missed) = (0usize, 0usize, Vec::new());
+    let mut served = Vec::with_capacity(args.clients);
     for client in clients {
         match tokio::time::timeout_at(deadline, client).await {
-            Ok(Ok(Seen::SoldOut(at))) => {
+            Ok(Ok(Seen::SoldOut(at, ws))) => {
+                served.push(ws);
                 delivered += 1;
                 if at < answered {
                     before_201 += 1;
@@ -161,6 +168,7 @@ pub async fn ws_fanout(args: FanoutArgs) -> anyhow::Result<Value> {
         }
     }
     let rss_after = rss_kib(args.server_pid);
+    drop(served);
 
     let mut report = Map::new();
     report.insert("scenario".into(), json!("ws_fanout"));
