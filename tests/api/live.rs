@@ -178,6 +178,29 @@ async fn a_cancel_after_the_sell_out_pushes_restocked() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_stock_after_the_sell_out_pushes_restocked() -> anyhow::Result<()> {
+    // Arrange
+    let app = TestApp::spawn(Backend::Sqlite).await?;
+    let event = app.coupon_event(1, 1).await?;
+    let (mut ws, _) = listen(&app, event).await?;
+    app.reserve_ok(event, "ana", None).await?;
+    let sold_out = next_message(&mut ws).await?;
+    assert_eq!(sold_out["type"], "sold_out", "{sold_out}");
+
+    // Act
+    app.patch_event(event, json!({"stock": 3}))
+        .await?
+        .assert_status(200);
+    let pushed = next_message(&mut ws).await?;
+
+    // Assert
+    assert_eq!(pushed["type"], "restocked", "{pushed}");
+    assert_eq!(pushed["remaining"].as_u64(), Some(2), "{pushed}");
+    assert_eq!(seq(&pushed)?, seq(&sold_out)? + 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_reservations_are_coalesced_into_few_availability_messages_in_sequence() -> anyhow::Result<()> {
     // Arrange
     let _quiet = crate::helpers::quiet_machine().await;
