@@ -19,6 +19,7 @@ use crate::store::{self, Backend};
 pub struct Application {
     port: u16,
     server: Server,
+    live: Arc<LiveHub>,
 }
 
 impl Application {
@@ -45,9 +46,9 @@ impl Application {
             .map(|_| Arbiter::new().handle())
             .collect();
         let share_workers = settings.event_arbiters == 0;
+        let live = Arc::new(LiveHub::new(LiveSettings::from_settings(&settings)));
         let registry = Arc::new(
-            Registry::new(arbiters, db.clone(), persister, settings.mailbox_capacity)
-                .with_live(Arc::new(LiveHub::new(LiveSettings::from_settings(&settings)))),
+            Registry::new(arbiters, db.clone(), persister, settings.mailbox_capacity).with_live(live.clone()),
         );
 
         let admin_token = settings.admin_token.clone().unwrap_or_else(|| {
@@ -96,11 +97,16 @@ impl Application {
                 );
             }
         });
-        Ok(Application { port, server })
+        Ok(Application { port, server, live })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The WebSocket hub; its `close_all()` closes every live socket with a close frame.
+    pub fn live(&self) -> Arc<LiveHub> {
+        self.live.clone()
     }
 
     /// Serves until the process is told to stop.

@@ -259,7 +259,84 @@ fn is_oversized(error: &ProtocolError) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use anyhow::Context;
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
     use super::origin_allowed;
+    use crate::config::Settings;
+    use crate::startup::Application;
+
+    /// Reads until a close frame arrives; its code.
+    async fn close_code<S>(ws: &mut S) -> anyhow::Result<u16>
+    where
+        S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .context("no close frame in time")?
+                .context("the socket ended")??;
+            if let Message::Close(frame) = message {
+                return frame.map(|f| u16::from(f.code)).context("no close code");
+            }
+        }
+    }
+
+    #[actix_rt::test]
+    async fn close_all_closes_every_live_socket_with_1001_and_refuses_new_ones() -> anyhow::Result<()> {
+        // Arrange: the real application in this process, on a fresh SQLite file
+        let dir = tempfile::tempdir()?;
+        let settings = Settings {
+            bind: "127.0.0.1:0".into(),
+            database_url: format!("sqlite://{}", dir.path().join("live.db").display()),
+            admin_token: Some("close-all-test".into()),
+            http_workers: 1,
+            ..Settings::default()
+        };
+        let app = Application::build(settings).await?;
+        let (port, hub) = (app.port(), app.live());
+        actix_rt::spawn(app.run_until_stopped());
+        let created: serde_json::Value = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/v1/events"))
+            .bearer_auth("close-all-test")
+            .json(&serde_json::json!({"name": "shutdown", "kind": "coupon", "stock": 5}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let id = created["id"].as_i64().context("no event id")?;
+        let url = format!("ws://127.0.0.1:{port}/v1/events/{id}/live");
+        let mut sockets = Vec::new();
+        for _ in 0..3 {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+            let snapshot = ws.next().await.context("no snapshot")??;
+            assert!(snapshot.is_text(), "{snapshot:?}");
+            sockets.push(ws);
+        }
+        assert_eq!(hub.sessions(), 3);
+
+        // Act
+        hub.close_all();
+
+        // Assert
+        for ws in &mut sockets {
+            assert_eq!(close_code(ws).await?, 1001);
+        }
+        assert!(
+            hub.drained(Duration::from_secs(5)).await,
+            "{} sessions left",
+            hub.sessions()
+        );
+        let refused = tokio_tungstenite::connect_async(url.as_str()).await;
+        assert!(
+            matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503),
+            "{refused:?}"
+        );
+        Ok(())
+    }
 
     /// (what, Origin header, Host header, allowed list, expected).
     type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [String], bool);
