@@ -106,15 +106,15 @@ import json, statistics, sys
 runs = [json.loads(line) for line in open(sys.argv[1])]
 clients = sys.argv[2]
 
-def med(key, scale=1.0):
+def med(key, scale=1.0, digits=1):
     values = [r[key] for r in runs if r.get(key) is not None]
-    return f"{statistics.median(values) * scale:.1f}" if values else "n/a"
+    return f"{statistics.median(values) * scale:.{digits}f}" if values else "n/a"
 
 print(f"| WebSocket fan-out, {clients} clients, SQLite ({len(runs)} runs, medians) | value |")
 print("|---|---|")
-print(f"| clients connected | {med('connected', 1)} |")
+print(f"| clients connected | {med('connected', digits=0)} |")
 print(f"| connect time (s) | {med('connect_secs')} |")
-print(f"| `sold_out` delivered | {med('delivered')} |")
+print(f"| `sold_out` delivered | {med('delivered', digits=0)} |")
 print(f"| all delivered after the 201 (ms) | {med('all_delivered_ms')} |")
 print(f"| p50 after the 201 (ms) | {med('p50_ms')} |")
 print(f"| p99 after the 201 (ms) | {med('p99_ms')} |")
