@@ -136,6 +136,32 @@ pub struct Overrides {
     #[command(flatten)]
     #[serde(rename = "rate_limit")]
     pub rate_limit: RateLimitOverrides,
+    /// WebSocket: at most one `availability` message per event per this many ms [default: 100].
+    #[arg(long, env = "FIRSTCOME_WS_COALESCE_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_coalesce_ms: Option<u64>,
+    /// WebSocket: the server pings every this many ms [default: 5000].
+    #[arg(long, env = "FIRSTCOME_WS_HEARTBEAT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_heartbeat_ms: Option<u64>,
+    /// WebSocket: a client silent (no pong, no message) this many ms is closed [default: 15000].
+    #[arg(long, env = "FIRSTCOME_WS_CLIENT_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_client_timeout_ms: Option<u64>,
+    /// WebSocket: largest message a client may send, in bytes; larger closes with 1009 [default: 4096].
+    #[arg(long, env = "FIRSTCOME_WS_MAX_MESSAGE_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_max_message_bytes: Option<usize>,
+    /// WebSocket: messages buffered per event for slow clients; a client further behind is
+    /// closed with 1013 [default: 64].
+    #[arg(long, env = "FIRSTCOME_WS_CHANNEL_CAPACITY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_channel_capacity: Option<usize>,
+    /// WebSocket: comma-separated Origins allowed to connect (`https://shop.example`, or `*`);
+    /// requests without Origin and from the server's own host are always allowed [default: none].
+    #[arg(long, env = "FIRSTCOME_WS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_allowed_origins: Option<Vec<String>>,
 }
 
 /// How the caller of a user route is identified.
@@ -178,6 +204,12 @@ pub struct Settings {
     pub jwt_admin_role: String,
     /// `[rate_limit]` in the file.
     pub rate_limit: RateLimitSettings,
+    pub ws_coalesce_ms: u64,
+    pub ws_heartbeat_ms: u64,
+    pub ws_client_timeout_ms: u64,
+    pub ws_max_message_bytes: usize,
+    pub ws_channel_capacity: usize,
+    pub ws_allowed_origins: Vec<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -209,6 +241,12 @@ impl std::fmt::Debug for Settings {
             .field("jwt_admin_claim", &self.jwt_admin_claim)
             .field("jwt_admin_role", &self.jwt_admin_role)
             .field("rate_limit", &self.rate_limit)
+            .field("ws_coalesce_ms", &self.ws_coalesce_ms)
+            .field("ws_heartbeat_ms", &self.ws_heartbeat_ms)
+            .field("ws_client_timeout_ms", &self.ws_client_timeout_ms)
+            .field("ws_max_message_bytes", &self.ws_max_message_bytes)
+            .field("ws_channel_capacity", &self.ws_channel_capacity)
+            .field("ws_allowed_origins", &self.ws_allowed_origins)
             .finish()
     }
 }
@@ -250,6 +288,12 @@ impl Default for Settings {
             jwt_admin_claim: "roles".into(),
             jwt_admin_role: "admin".into(),
             rate_limit: RateLimitSettings::default(),
+            ws_coalesce_ms: 100,
+            ws_heartbeat_ms: 5_000,
+            ws_client_timeout_ms: 15_000,
+            ws_max_message_bytes: 4096,
+            ws_channel_capacity: 64,
+            ws_allowed_origins: Vec::new(),
         }
     }
 }

@@ -46,6 +46,8 @@ error_codes! {
     NotFound => NOT_FOUND, "not_found", "No such resource";
     EventNotFound => NOT_FOUND, "event_not_found", "No such event";
     ReservationNotFound => NOT_FOUND, "reservation_not_found", "No such reservation";
+    OriginNotAllowed => FORBIDDEN, "origin_not_allowed", "This Origin may not open a WebSocket";
+    UpgradeRequired => UPGRADE_REQUIRED, "upgrade_required", "This route needs a WebSocket upgrade";
     MethodNotAllowed => METHOD_NOT_ALLOWED, "method_not_allowed", "This method is not allowed here";
     SoldOut => CONFLICT, "sold_out", "Sold out";
     InsufficientStock => CONFLICT, "insufficient_stock", "Fewer units remain than requested";

@@ -17,6 +17,7 @@
 //! - [`domain`]: newtypes and rules (ids, quantities, events, reservation states); no I/O.
 //! - [`actors`]: the event actor (single writer per event), the persister (group commit) and
 //!   the registry (starts event actors on first use, one arbiter per core).
+//!   `actors::live` is each event's broadcaster for WebSocket listeners (`http::live`).
 //! - [`http`]: actix-web routes; each only parses, sends a message and renders.
 //! - [`store`]: sea-orm queries and the batch writer, in domain terms.
 //! - [`error`]: the table of error codes and the problem+json body.

@@ -30,6 +30,8 @@ pub const ACTOR_QUEUE_DEPTH: &str = "firstcome_event_actor_queue_depth";
 pub const ACTOR_QUEUE_DEPTH_MAX: &str = "firstcome_event_actor_queue_depth_max";
 /// Gauge: event actors running.
 pub const EVENT_ACTORS: &str = "firstcome_event_actors";
+/// Gauge: open WebSocket sessions (`/v1/events/{id}/live`).
+pub const WS_CLIENTS: &str = "firstcome_websocket_clients";
 /// Counter: requests refused with 429 by a rate limit.
 pub const RATE_LIMITED_TOTAL: &str = "firstcome_rate_limited_requests_total";
 /// Counter: requests shed with 503 because an event actor's queue was full.
@@ -102,6 +104,7 @@ fn describe() {
     );
     describe_gauge!(ACTOR_QUEUE_DEPTH_MAX, "The deepest event actor queue");
     describe_gauge!(EVENT_ACTORS, "Event actors running");
+    describe_gauge!(WS_CLIENTS, "Open WebSocket sessions");
     describe_counter!(RATE_LIMITED_TOTAL, "Requests refused with 429 by a rate limit");
     describe_counter!(
         SHED_TOTAL,

@@ -12,7 +12,7 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 
 use crate::actors::persister::WriteAndWait;
-use crate::actors::{Persister, PersisterStats, Registry};
+use crate::actors::{LiveHub, LiveSettings, Persister, PersisterStats, Registry};
 use crate::config::Settings;
 use crate::http::auth::Authenticator;
 use crate::http::rate_limit::{RateLimit, RateLimits};
@@ -23,6 +23,8 @@ use crate::store::{self, Backend};
 /// Seconds actix-web gives connections to close once the drain is over (keep-alive ones close
 /// at once; nothing should still be running).
 const SERVER_STOP_TIMEOUT_SECS: u64 = 5;
+/// How long shutdown waits for live sockets to finish their close handshake.
+const LIVE_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Application {
     port: u16,
@@ -30,6 +32,7 @@ pub struct Application {
     drain: web::Data<Drain>,
     persister: Addr<Persister>,
     shutdown_timeout: Duration,
+    live: Arc<LiveHub>,
 }
 
 impl Application {
@@ -57,12 +60,11 @@ impl Application {
             .map(|_| Arbiter::new().handle())
             .collect();
         let share_workers = settings.event_arbiters == 0;
-        let registry = Arc::new(Registry::new(
-            arbiters,
-            db.clone(),
-            persister.clone(),
-            settings.mailbox_capacity,
-        ));
+        let live = Arc::new(LiveHub::new(LiveSettings::from_settings(&settings)));
+        let registry = Arc::new(
+            Registry::new(arbiters, db.clone(), persister.clone(), settings.mailbox_capacity)
+                .with_live(live.clone()),
+        );
 
         let rate_limits = settings.rate_limit.enabled.then(|| {
             let limits = Arc::new(RateLimits::new(&settings.rate_limit));
@@ -102,6 +104,8 @@ impl Application {
                 .configure(http::configure)
                 .default_service(web::to(http::not_found))
         })
+        // why: WebSocket pushes are small writes; Nagle would hold one behind an unacknowledged ping.
+        .tcp_nodelay(true)
         .workers(settings.http_workers.max(1))
         // Signals are ours: `run_until_stopped` drains before it stops the server.
         .disable_signals()
@@ -128,11 +132,17 @@ impl Application {
             drain,
             persister,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
+            live,
         })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The WebSocket hub; its `close_all()` closes every live socket with a close frame.
+    pub fn live(&self) -> Arc<LiveHub> {
+        self.live.clone()
     }
 
     /// Serves until SIGTERM or SIGINT, then drains (see [`crate::shutdown`]) and stops.
@@ -149,6 +159,8 @@ impl Application {
             in_flight = self.drain.in_flight(),
             "draining before shutdown"
         );
+        // Live sockets get a close frame (1001 going away) at once; new ones are refused.
+        self.live.close_all();
         let left = self.drain.drain(self.shutdown_timeout).await;
         if left > 0 {
             tracing::warn!(left, "shutdown timeout reached with requests still inside");
@@ -156,6 +168,9 @@ impl Application {
         // Whatever the actors decided without a request waiting (expiries) commits too.
         if let Err(error) = self.persister.send(WriteAndWait(None)).await {
             tracing::warn!(%error, "the persister stopped before the final barrier");
+        }
+        if !self.live.drained(LIVE_CLOSE_TIMEOUT).await {
+            tracing::warn!(open = self.live.sessions(), "live sockets still open at shutdown");
         }
         handle.stop(true).await;
         server.await.map_err(std::io::Error::other)??;

@@ -5,6 +5,8 @@
 //!   and end before the deadline are counted and timed.
 //! * `burst`: opens (and optionally primes) every connection first, then releases one request on
 //!   each at the same instant and reports the time until the last answer.
+//! * `ws-fanout`: many WebSocket listeners on one event, then the sale of its last unit; the
+//!   time until every listener has read `sold_out` (see `ws_fanout.rs`).
 //!
 //! Each run prints one JSON object on stdout. The client is deliberately lean (hyper's low-level
 //! HTTP/1 connection, no pooling layer, no TLS) because it shares the machine with the server.
@@ -25,6 +27,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+
+mod ws_fanout;
 
 type Sender = SendRequest<Full<Bytes>>;
 
@@ -50,6 +54,8 @@ enum Command {
     Rate(RateArgs),
     /// One request per connection, all released at the same instant.
     Burst(BurstArgs),
+    /// Many WebSocket listeners on one event; time from the last unit's 201 to each `sold_out`.
+    WsFanout(ws_fanout::FanoutArgs),
 }
 
 /// What every request looks like.
@@ -138,6 +144,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Rate(args) => rate(args).await,
             Command::Burst(args) => burst(args).await,
+            Command::WsFanout(args) => ws_fanout::ws_fanout(args).await,
         }
     })?;
     println!("{report}");

@@ -30,6 +30,7 @@ use sea_orm::DatabaseConnection;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::live::{LiveChannel, LivePublisher};
 use super::persister::{Committed, Persister, Submit, WriteAndWait};
 use crate::domain::{
     Event, EventId, EventKind, EventPatch, EventStatus, IdempotencyKey, Invalid, Inventory, Quantity,
@@ -160,6 +161,12 @@ struct FlushWrites;
 #[derive(Message)]
 #[rtype(result = "Result<EventSnapshot, Refusal>")]
 pub struct Snapshot;
+
+/// A WebSocket client has just subscribed to the event's live channel: re-arm the live timer,
+/// so a window edge ahead (`closes_at`) is announced on time.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Listening;
 
 /// Change stock, window or closed flag; answered after the change commits.
 #[derive(Message)]
@@ -306,6 +313,10 @@ pub struct EventActor {
     /// [`FlushWrites`]: one cross-thread wake-up per run instead of one per request.
     outbox: Vec<(u64, WriteOp)>,
     admission: Arc<Admission>,
+    /// The event's live broadcaster (WebSocket sessions), told after commits settle.
+    live: LivePublisher,
+    /// Set while a coalesced live message or a window edge is waiting.
+    live_timer: Option<SpawnHandle>,
 }
 
 impl EventActor {
@@ -315,6 +326,7 @@ impl EventActor {
         persister: Addr<Persister>,
         lifecycle: Arc<Lifecycle>,
         admission: Arc<Admission>,
+        live: Arc<LiveChannel>,
     ) -> Self {
         Self {
             id,
@@ -329,6 +341,8 @@ impl EventActor {
             notify: None,
             outbox: Vec::new(),
             admission,
+            live: LivePublisher::new(live),
+            live_timer: None,
         }
     }
 
@@ -374,6 +388,7 @@ impl EventActor {
         tracing::debug!(event = %self.id, held = ledger.held, sold = ledger.sold, "event state loaded");
         self.phase = Phase::Ready(Box::new(ledger));
         self.publish();
+        self.publish_live(ctx);
         for reservation in overdue {
             self.submit(ctx, reservation, ReservationStatus::Expired, None);
         }
@@ -389,6 +404,31 @@ impl EventActor {
             _ => None,
         };
         self.admission.publish(ledger, crate::domain::now());
+    }
+
+    /// Tells WebSocket listeners about the committed state; never waits. A coalesced message
+    /// (or a window edge) that is due later is sent by a timer.
+    fn publish_live(&mut self, ctx: &mut Context<Self>) {
+        let Phase::Ready(ledger) = &self.phase else {
+            return;
+        };
+        let inventory = ledger.inventory();
+        // why: `sold_out` is announced once the last unit's commit has landed, not when it is
+        // only taken; this scan runs only while nothing remains.
+        let settled = inventory.remaining() > 0
+            || !self
+                .pending
+                .values()
+                .any(|p| p.epoch == self.epoch && matches!(p.kind, PendingKind::Created { .. }));
+        let wake = self.live.publish(&ledger.event, inventory, settled);
+        if let Some(after) = wake
+            && self.live_timer.is_none()
+        {
+            self.live_timer = Some(ctx.run_later(after, |act, ctx| {
+                act.live_timer = None;
+                act.publish_live(ctx);
+            }));
+        }
     }
 
     fn ledger(&mut self) -> Result<&mut Ledger, Refusal> {
@@ -598,6 +638,7 @@ impl EventActor {
             self.reload(ctx);
         } else {
             self.publish();
+            self.publish_live(ctx);
         }
     }
 
@@ -846,6 +887,7 @@ impl Supervised for EventActor {
         self.flush_writes(ctx);
         // The context dropped its timers; `loaded` starts a new one.
         self.expiry_timer = None;
+        self.live_timer = None;
         tracing::warn!(event = %self.id, "event actor restarting");
     }
 }
@@ -889,6 +931,14 @@ impl Handler<Snapshot> for EventActor {
 
     fn handle(&mut self, _: Snapshot, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, Err(Refusal::Unavailable), |act, _| act.snapshot())
+    }
+}
+
+impl Handler<Listening> for EventActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Listening, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |act, ctx| act.publish_live(ctx));
     }
 }
 
@@ -936,6 +986,7 @@ impl Handler<UpdateEvent> for EventActor {
                     ledger.event = next;
                     let snapshot = ledger.snapshot(crate::domain::now());
                     act.publish();
+                    act.publish_live(ctx);
                     Ok(snapshot)
                 }
                 _ => {
@@ -967,6 +1018,7 @@ mod tests {
     use sea_orm::ConnectionTrait;
 
     use super::*;
+    use crate::actors::live::{LiveHub, LiveSettings};
     use crate::actors::persister::PersisterStats;
     use crate::domain::EventSpec;
     use crate::store::Backend;
@@ -997,7 +1049,14 @@ mod tests {
         let actor = {
             let (db, lifecycle) = (db.clone(), lifecycle.clone());
             Supervisor::start(move |_| {
-                EventActor::new(event.id, db, persister, lifecycle, Arc::new(Admission::new(64)))
+                EventActor::new(
+                    event.id,
+                    db,
+                    persister,
+                    lifecycle,
+                    Arc::new(Admission::new(64)),
+                    LiveHub::new(LiveSettings::default()).channel(event.id),
+                )
             })
         };
         Ok(Harness {

@@ -3,9 +3,11 @@
 //! starts event actors on first use and spreads them over the event arbiters.
 
 pub mod event;
+pub mod live;
 pub mod persister;
 pub mod registry;
 
 pub use event::{Admission, EventActor, EventSnapshot, Refusal, Reply, Reserved, reply_channel};
+pub use live::{LiveChannel, LiveHub, LiveSettings};
 pub use persister::{Persister, PersisterStats};
 pub use registry::{EventHandle, QueueDepths, Registry};

@@ -14,6 +14,7 @@ use actix_rt::ArbiterHandle;
 use sea_orm::DatabaseConnection;
 
 use super::event::{Admission, EventActor, Lifecycle};
+use super::live::{LiveChannel, LiveHub, LiveSettings};
 use super::persister::Persister;
 use crate::domain::EventId;
 use crate::store;
@@ -23,6 +24,8 @@ use crate::store;
 pub struct EventHandle {
     pub addr: Addr<EventActor>,
     pub admission: Arc<Admission>,
+    /// The event's live broadcaster, for WebSocket sessions to subscribe to.
+    pub live: Arc<LiveChannel>,
 }
 
 /// A point-in-time view of the event actors' queues.
@@ -43,6 +46,7 @@ pub struct Registry {
     persister: Addr<Persister>,
     lifecycle: Arc<Lifecycle>,
     mailbox_capacity: usize,
+    live: Arc<LiveHub>,
 }
 
 impl Registry {
@@ -61,7 +65,19 @@ impl Registry {
             persister,
             lifecycle: Arc::default(),
             mailbox_capacity,
+            live: Arc::new(LiveHub::new(LiveSettings::default())),
         }
+    }
+
+    /// Uses `hub` (its WebSocket settings) for the broadcasters of events started from now on.
+    pub fn with_live(mut self, hub: Arc<LiveHub>) -> Self {
+        self.live = hub;
+        self
+    }
+
+    /// The WebSocket hub: settings, open sessions, and [`LiveHub::close_all`] for shutdown.
+    pub fn live(&self) -> &Arc<LiveHub> {
+        &self.live
     }
 
     /// The actor of event `id`, started if needed; `None` if no such event exists.
@@ -85,19 +101,26 @@ impl Registry {
             arbiters.get(index % arbiters.len().max(1)).cloned()
         };
         let admission = Arc::new(Admission::new(self.mailbox_capacity));
-        let (db, persister, lifecycle, actor_admission) = (
+        let live = self.live.channel(id);
+        let (db, persister, lifecycle, actor_admission, actor_live) = (
             self.db.clone(),
             self.persister.clone(),
             self.lifecycle.clone(),
             admission.clone(),
+            live.clone(),
         );
-        let start =
-            move |_: &mut Context<EventActor>| EventActor::new(id, db, persister, lifecycle, actor_admission);
+        let start = move |_: &mut Context<EventActor>| {
+            EventActor::new(id, db, persister, lifecycle, actor_admission, actor_live)
+        };
         let addr = match arbiter {
             Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, start),
             None => Supervisor::start(start),
         };
-        let handle = EventHandle { addr, admission };
+        let handle = EventHandle {
+            addr,
+            admission,
+            live,
+        };
         self.actors.pin().insert(id, handle.clone());
         Ok(Some(handle))
     }

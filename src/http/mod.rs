@@ -11,6 +11,7 @@ pub mod docs;
 mod events;
 mod extract;
 mod health;
+mod live;
 mod observe;
 pub mod rate_limit;
 mod reservations;
@@ -47,6 +48,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     admin::configure(cfg);
     observe::configure(cfg);
     docs::configure(cfg);
+    live::configure(cfg);
 }
 
 /// The answer to a path that names no route.

@@ -12,7 +12,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tracing::Instrument;
 
 use super::{AppState, resource};
-use crate::metrics::{ACTOR_QUEUE_DEPTH, ACTOR_QUEUE_DEPTH_MAX, EVENT_ACTORS, HTTP_REQUEST_SECONDS};
+use crate::metrics::{
+    ACTOR_QUEUE_DEPTH, ACTOR_QUEUE_DEPTH_MAX, EVENT_ACTORS, HTTP_REQUEST_SECONDS, WS_CLIENTS,
+};
 
 /// Carries the request id both ways: a caller (or a gateway) may set it, and every answer has it.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -76,6 +78,7 @@ pub(super) async fn render_metrics(
     metrics::gauge!(EVENT_ACTORS).set(depths.actors as f64);
     metrics::gauge!(ACTOR_QUEUE_DEPTH).set(depths.queued as f64);
     metrics::gauge!(ACTOR_QUEUE_DEPTH_MAX).set(depths.deepest as f64);
+    metrics::gauge!(WS_CLIENTS).set(state.registry.live().sessions() as f64);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(handle.render())

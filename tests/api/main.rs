@@ -18,6 +18,8 @@
 //! - `shutdown`: SIGTERM mid-stampede drains (answers what is inside), exits 0, loses nothing.
 //! - `auth`: JWT users (HS256, RS256, ES256), bad tokens → 401, admin by token or role claim,
 //!   another user's token → 404, refusing trusted-header mode on a public address.
+//! - `live`: the WebSocket notifications: snapshot, sold-out/restock/close pushes, coalescing,
+//!   Origin, size and heartbeat limits.
 //! - `negative_control`: the stampede check catches a check-then-decrement oversell.
 
 #[macro_use]
@@ -29,6 +31,7 @@ mod events_admin;
 mod holds;
 mod idempotency;
 mod limits;
+mod live;
 mod negative_control;
 mod observe;
 mod outage;
