@@ -672,6 +672,41 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_socket_token_must_verify_and_no_token_means_an_anonymous_listener() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    // Arrange
+    let app = TestApp::spawn_with(Backend::Sqlite, &hs256_server_args()).await?;
+    let event = app
+        .create_event(json!({"name": "live", "kind": "coupon", "stock": 5}))
+        .await?;
+    let base = format!("{}/v1/events/{event}/live", app.address.replacen("http", "ws", 1));
+    let good = sign_hs256(&claims("ana"))?;
+    let forged = sign_hmac(
+        Algorithm::HS256,
+        b"another-secret-another-secret-0123",
+        &claims("ana"),
+    )?;
+
+    // Act
+    let with_good = tokio_tungstenite::connect_async(format!("{base}?access_token={good}")).await;
+    let anonymous = tokio_tungstenite::connect_async(base.clone()).await;
+    let with_forged = tokio_tungstenite::connect_async(format!("{base}?access_token={forged}")).await;
+
+    // Assert
+    assert!(with_good.is_ok(), "a valid token connects: {:?}", with_good.err());
+    assert!(
+        anonymous.is_ok(),
+        "no token is an anonymous listener: {:?}",
+        anonymous.err()
+    );
+    match with_forged {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 401, "{response:?}"),
+        other => panic!("a forged token must be refused before the upgrade, got {other:?}"),
+    }
+    Ok(())
+}
+
 /// Claims every server in this file accepts: issuer, audience, valid for ten more minutes.
 fn claims(sub: &str) -> Value {
     json!({ "sub": sub, "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 600, "nbf": now() - 10, "iat": now() })
