@@ -2,17 +2,18 @@
 # Reservations with the protected edge on (JWT bearer auth + rate limits) against the core
 # settings (trusted X-User-Id header, rate limits off), side by side: ROUNDS rounds, each runs
 # GET /healthz and POST reservations (one hot event, a new user per request) on a core server,
-# then the same on an edge server, on one SQLite database. Medians; ratios within a round.
+# and the same on an edge server, each mode on its own SQLite database (so both tables grow
+# alike), the order alternating between rounds. Medians; ratios within a round.
 #
 #   bench/edge.sh                       # needs target/release/{firstcome,loadgen}
-#   ROUNDS=5 DURATION=10 bench/edge.sh
+#   ROUNDS=3 DURATION=10 bench/edge.sh
 #
 # The load generator is one IP, so the edge server's per-IP write quota is raised (a real
 # deployment sees the crowd from many addresses); every per-user check still runs, and each
 # request carries a freshly signed HS256 token that the server verifies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-8} WARMUP=${WARMUP:-2} CONNECTIONS=${CONNECTIONS:-256}
+ROUNDS=${ROUNDS:-5} DURATION=${DURATION:-6} WARMUP=${WARMUP:-2} CONNECTIONS=${CONNECTIONS:-256}
 mkdir -p target/bench
 dir=$(mktemp -d target/bench/edge.XXXXXX)
 token=edge-bench-admin-token
@@ -25,7 +26,7 @@ start() { # core|edge
     [[ $1 == edge ]] && flags=(--auth-mode jwt --jwt-secret "$secret" --rate-limit true
         --rate-limit-writes-per-ip '100000000/s')
     FIRSTCOME_ADMIN_TOKEN=$token RUST_LOG=warn target/release/firstcome serve --bind 127.0.0.1:0 \
-        --database-url "sqlite://$PWD/$dir/bench.db" "${flags[@]}" >"$dir/stdout" 2>"$dir/stderr" &
+        --database-url "sqlite://$PWD/$dir/$1.db" "${flags[@]}" >"$dir/stdout" 2>"$dir/stderr" &
     server=$!
     for _ in $(seq 1 200); do grep -q listening "$dir/stdout" 2>/dev/null && break; sleep 0.1; done
     base=$(sed -n 's/.*listening on //p' "$dir/stdout")
@@ -35,21 +36,26 @@ stop() { kill "$server"; wait "$server" 2>/dev/null || true; server=; : >"$dir/s
 rate() { # label, loadgen args...
     local label=$1; shift
     target/release/loadgen rate --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" "$@" |
-        jq -c --arg label "$label" '{label: $label, rps, p50_ms, p99_ms, status}'
+        jq -c --arg name "$label" '{"label": $name, rps, p50_ms, p99_ms, status}'
 }
 
-start core
-event=$(curl -fsS "$base/v1/events" -H "Authorization: Bearer $token" -H 'content-type: application/json' \
-    -d '{"name":"hot","kind":"coupon","stock":100000000}' | jq -er .id)
-stop
+declare -A event
+for mode in core edge; do
+    start "$mode"
+    event[$mode]=$(curl -fsS "$base/v1/events" -H "Authorization: Bearer $token" \
+        -H 'content-type: application/json' -d '{"name":"hot","kind":"coupon","stock":100000000}' | jq -er .id)
+    stop
+done
 results=$dir/results.jsonl
 for round in $(seq 1 "$ROUNDS"); do
-    for mode in core edge; do
+    order=(core edge)
+    (( round % 2 == 0 )) && order=(edge core)
+    for mode in "${order[@]}"; do
         start "$mode"
         users=(--distinct-users "r$round-$mode")
         [[ $mode == edge ]] && users+=(--jwt-secret "$secret")
         rate "$round $mode healthz" --url "$base/healthz" >>"$results"
-        rate "$round $mode reserve" --url "$base/v1/events/$event/reservations" --method POST "${users[@]}" >>"$results"
+        rate "$round $mode reserve" --url "$base/v1/events/${event[$mode]}/reservations" --method POST "${users[@]}" >>"$results"
         stop
     done
     echo "round $round done" >&2
