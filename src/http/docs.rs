@@ -8,7 +8,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, Secur
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, events, health, observe, reservations};
+use super::{admin, events, health, live, observe, reservations};
 use crate::actors::EventSnapshot;
 use crate::domain::{Event, EventKind, EventPatch, EventSpec, EventStatus, Reservation, ReservationStatus};
 
@@ -31,7 +31,7 @@ pub struct Problem {
     info(title = "firstcome", description = "Limited-inventory drops: exact, durable, fast reservations."),
     paths(
         health::healthz, health::readyz, observe::render_metrics,
-        events::create, events::read, events::update,
+        events::create, events::read, events::update, live::live,
         reservations::reserve, reservations::read, reservations::confirm, reservations::cancel,
         reservations::mine,
         admin::stats,

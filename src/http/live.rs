@@ -22,6 +22,7 @@ use serde::Deserialize;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::{Instant, timeout};
 
+use super::docs::Problem;
 use super::extract::event_id;
 use super::{AppState, resource};
 use crate::actors::event::{Listening, Snapshot};
@@ -44,7 +45,16 @@ struct LiveQuery {
     access_token: Option<String>,
 }
 
-async fn live(
+#[utoipa::path(get, path = "/v1/events/{id}/live", tag = "events",
+    params(("id" = i64, Path, description = "Event id"),
+        ("access_token" = Option<String>, Query, description = "A user JWT (optional; verified if given)")),
+    responses(
+    (status = 101, description = "WebSocket: a `snapshot`, then `availability`, `sold_out`, `restocked` and `closed` messages, each with a per-event `seq`"),
+    (status = 401, description = "invalid_token", body = Problem, content_type = "application/problem+json"),
+    (status = 403, description = "origin_not_allowed", body = Problem, content_type = "application/problem+json"),
+    (status = 404, description = "event_not_found", body = Problem, content_type = "application/problem+json"),
+    (status = 426, description = "upgrade_required: not a WebSocket handshake", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn live(
     path: web::Path<String>,
     req: HttpRequest,
     body: web::Payload,

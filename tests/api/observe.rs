@@ -149,6 +149,7 @@ async fn the_openapi_description_lists_every_route_and_the_docs_page_works_offli
         ("/v1/events/{id}", "get"),
         ("/v1/events/{id}", "patch"),
         ("/v1/events/{id}/reservations", "post"),
+        ("/v1/events/{id}/live", "get"),
         ("/v1/reservations/{id}", "get"),
         ("/v1/reservations/{id}/confirm", "post"),
         ("/v1/reservations/{id}/cancel", "post"),
