@@ -6,11 +6,14 @@
 //! # Architecture
 //!
 //! ```text
-//! HTTP ─> http (parse into domain types) ─msg─> actors::event::EventActor (one per event)
-//!                                                   │ decides from memory; takes units at once
-//!                                                   └─WriteOp─> actors::persister::Persister
-//!                                                                 │ group commit: one txn per batch
-//!                                                                 └─> store ─> SQLite / PostgreSQL / MySQL
+//! HTTP ─> http: observe (request id, latency) → drain → rate_limit → auth → parse into domain types
+//!           │ ─msg─> actors::event::EventActor (one per event)
+//!           │            │ decides from memory; takes units at once
+//!           │            ├─WriteOp─> actors::persister::Persister
+//!           │            │             │ group commit: one statement or transaction per batch
+//!           │            │             └─> store ─> SQLite / PostgreSQL / MySQL
+//!           │            └─publish─> actors::live (one broadcast channel per event)
+//! WebSocket ─> http::live ────────────────┘ (snapshot, availability, sold_out, restocked, closed)
 //! ```
 //!
 //! # Layout
@@ -18,7 +21,9 @@
 //! - [`actors`]: the event actor (single writer per event), the persister (group commit) and
 //!   the registry (starts event actors on first use, one arbiter per core).
 //!   `actors::live` is each event's broadcaster for WebSocket listeners (`http::live`).
-//! - [`http`]: actix-web routes; each only parses, sends a message and renders.
+//! - [`http`]: actix-web routes; each only parses, sends a message and renders. Also the
+//!   edge: `auth` (JWT or trusted header), `rate_limit` (governor), `observe` (request ids,
+//!   `/metrics`), `docs` (`/openapi.json`, `/docs/`), `live` (the WebSocket route).
 //! - [`store`]: sea-orm queries and the batch writer, in domain terms.
 //! - [`error`]: the table of error codes and the problem+json body.
 //! - [`metrics`]: the Prometheus series and their names.
