@@ -74,8 +74,8 @@ pub async fn track(
     };
     drain.in_flight.fetch_add(1, Ordering::AcqRel);
     let _inside = Inside(drain.clone());
-    let reads = [Method::GET, Method::HEAD, Method::OPTIONS];
-    if drain.is_draining() && !reads.contains(req.method()) {
+    let reads_only = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if drain.is_draining() && !reads_only {
         let refusal = ApiError::unavailable_because("The server is shutting down; retry shortly.");
         let (req, _) = req.into_parts();
         return Ok(ServiceResponse::new(req, refusal.error_response()).map_into_right_body());

@@ -3,7 +3,7 @@
 use std::future::{Ready, ready};
 
 use actix_web::http::header;
-use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, dev::Payload, web};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
@@ -20,8 +20,27 @@ impl FromRequest for User {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(authenticator(req).and_then(|auth| auth.user(req.headers()).map(User)))
+        let remembered = req.extensions().get::<Caller>().map(|caller| caller.0.clone());
+        ready(
+            remembered
+                .unwrap_or_else(|| authenticator(req).and_then(|auth| auth.user(req.headers())))
+                .map(User),
+        )
     }
+}
+
+/// A request's authentication outcome, kept in its extensions by [`remember_caller`].
+#[derive(Clone)]
+struct Caller(Result<UserId, ApiError>);
+
+/// Authenticates the caller of `req` and keeps the outcome for the route's [`User`] extractor,
+/// so a request is verified once even when middleware (the rate limiter) needs the user first.
+/// `None` if the request does not authenticate (its route then answers 401).
+pub fn remember_caller(req: &HttpRequest) -> Option<UserId> {
+    let outcome = authenticator(req).and_then(|auth| auth.user(req.headers()));
+    let user = outcome.as_ref().ok().cloned();
+    req.extensions_mut().insert(Caller(outcome));
+    user
 }
 
 /// An operator: an admin token, or a user token with the admin role.

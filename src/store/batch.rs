@@ -136,11 +136,24 @@ fn insert_statements(backend: Backend, rows: &[&Reservation]) -> anyhow::Result<
     })
 }
 
-/// One reservation as a JSON array: id (32 hex digits), event, user, quantity, status,
-/// idempotency key, expiry, creation time (also its first `updated_at`).
-fn json_row(r: &Reservation) -> serde_json::Value {
-    serde_json::json!([
-        r.id.get().simple().to_string(),
+/// One reservation as a JSON array, serialized straight from the reservation: id (32 hex
+/// digits), event, user, quantity, status, idempotency key, expiry, creation time (also its
+/// first `updated_at`).
+#[derive(serde::Serialize)]
+struct JsonRow<'a>(
+    uuid::fmt::Simple,
+    i64,
+    &'a str,
+    u32,
+    &'static str,
+    Option<&'a str>,
+    Option<String>,
+    String,
+);
+
+fn json_row(r: &Reservation) -> JsonRow<'_> {
+    JsonRow(
+        r.id.get().simple(),
         r.event_id.get(),
         r.user_id.as_str(),
         r.quantity,
@@ -148,10 +161,38 @@ fn json_row(r: &Reservation) -> serde_json::Value {
         r.idempotency_key.as_ref().map(|k| k.as_str()),
         r.expires_at.map(timestamp),
         timestamp(r.created_at),
-    ])
+    )
 }
 
 /// A timestamp exactly as sqlx writes a `DateTime<Utc>` to SQLite.
 fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::AutoSi, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{EventId, UserId};
+
+    #[test]
+    fn a_json_row_has_the_columns_sqlite_unpacks_in_order() -> anyhow::Result<()> {
+        let created = DateTime::parse_from_rfc3339("2026-12-01T08:00:00.123456Z")?.with_timezone(&Utc);
+        let id = uuid::Uuid::parse_str("01a230bc-0f0a-7306-8732-23ddd8e4928b")?;
+        let reservation = Reservation {
+            id: ReservationId::from_db(id),
+            event_id: EventId::from_db(7),
+            user_id: UserId::parse("ana").map_err(|e| anyhow::anyhow!("{e}"))?,
+            quantity: 2,
+            status: ReservationStatus::Held,
+            expires_at: None,
+            created_at: created,
+            idempotency_key: None,
+        };
+        let json = serde_json::to_string(&json_row(&reservation))?;
+        assert_eq!(
+            json,
+            r#"["01a230bc0f0a7306873223ddd8e4928b",7,"ana",2,"held",null,null,"2026-12-01T08:00:00.123456+00:00"]"#
+        );
+        Ok(())
+    }
 }

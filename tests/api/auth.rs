@@ -673,6 +673,49 @@ fn now() -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_user_rate_limit_keys_on_the_token_subject_not_on_the_token_or_a_header() -> anyhow::Result<()>
+{
+    // Arrange: jwt mode, two writes per user, the per-IP quota out of the way.
+    let mut args = hs256_server_args();
+    args.extend([
+        "--rate-limit",
+        "true",
+        "--rate-limit-writes-per-user",
+        "1/min burst 2",
+        "--rate-limit-writes-per-ip",
+        "100000/s",
+    ]);
+    let app = TestApp::spawn_with(Backend::Sqlite, &args).await?;
+    let event = app
+        .create_event(json!({"name": "limited", "kind": "coupon", "stock": 10, "per_user_limit": 10}))
+        .await?;
+    let path = format!("/v1/events/{event}/reservations");
+    let token_for = |sub: &str, nonce: u64| -> anyhow::Result<String> {
+        let mut claims = claims(sub);
+        claims["jti"] = json!(nonce);
+        sign_hs256(&claims)
+    };
+
+    // Act: ana claims with three different tokens (and a different X-User-Id on each); ben once.
+    let mut ana = Vec::new();
+    for nonce in 0..3 {
+        let request = app
+            .request(Method::POST, &path)
+            .bearer_auth(token_for("ana", nonce)?)
+            .header("x-user-id", format!("someone-else-{nonce}"));
+        ana.push(send(request).await?);
+    }
+    let ben = send(app.request(Method::POST, &path).bearer_auth(token_for("ben", 9)?)).await?;
+
+    // Assert: ana's third claim is over her quota whatever the token text or header said.
+    ana[0].assert_status(201);
+    ana[1].assert_status(201);
+    ana[2].assert_problem(429, "rate_limited");
+    ben.assert_status(201);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_socket_token_must_verify_and_no_token_means_an_anonymous_listener() -> anyhow::Result<()> {
     use tokio_tungstenite::tungstenite::Error as WsError;
     // Arrange

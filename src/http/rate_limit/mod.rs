@@ -23,7 +23,7 @@ use actix_web::body::EitherBody;
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
 use actix_web::http::Method;
 use actix_web::http::header::{HeaderName, HeaderValue, RETRY_AFTER};
-use actix_web::{HttpResponse, ResponseError, web};
+use actix_web::{HttpResponse, ResponseError};
 use futures_util::TryFutureExt;
 use futures_util::future::{Either, MapOk};
 use governor::clock::Clock;
@@ -33,7 +33,6 @@ pub use self::client_ip::TrustedProxies;
 pub use self::settings::{Limit, Per, RateLimitOverrides, RateLimitSettings, TrustedNet};
 use crate::domain::UserId;
 use crate::error::{ApiError, Code};
-use crate::http::AppState;
 
 type Hasher = foldhash::fast::RandomState;
 type Keyed<K> = governor::DefaultKeyedRateLimiter<K, governor::middleware::NoOpMiddleware, Hasher>;
@@ -44,10 +43,10 @@ const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Who the user is, for the per-user limiter: the identity the routes will see (the verified
 /// token's `sub` in jwt mode, `X-User-Id` in trusted-header mode). A request that does not
-/// authenticate counts per IP only, and its route refuses it with 401 anyway.
+/// authenticate counts per IP only, and its route refuses it with 401 anyway. The route reuses
+/// this authentication instead of verifying again.
 pub fn user_key(req: &ServiceRequest) -> Option<UserId> {
-    let state = req.app_data::<web::Data<AppState>>()?;
-    state.auth.user(req.headers()).ok()
+    super::extract::remember_caller(req.request())
 }
 
 /// Which quota a request counts against; `None` for requests that are never limited.
@@ -251,7 +250,10 @@ impl RateLimits {
                 .check(&IpKey::from(ip))
                 .map_err(|wait| limited(scoped, wait))?;
         }
-        if let (Some(scoped), Some(user)) = (&limits.user, user_key(req)) {
+        // Authenticates only when a per-user quota applies to this class.
+        if let Some(scoped) = &limits.user
+            && let Some(user) = user_key(req)
+        {
             let key = self.user_hasher.hash_one(user.as_str());
             scoped.check(&key).map_err(|wait| limited(scoped, wait))?;
         }
