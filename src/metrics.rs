@@ -8,10 +8,11 @@
 //! Gauges that describe current state (actor queue depth, WebSocket clients) are set when
 //! `/metrics` is scraped, so the hot path pays nothing for them.
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use metrics::Counter;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Histogram: HTTP request latency, by `route` template, `method` and `status`.
@@ -48,6 +49,22 @@ const BATCH_BUCKETS: &[f64] = &[
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// One registered counter per reservation outcome.
+static OUTCOMES: LazyLock<papaya::HashMap<&'static str, Counter>> = LazyLock::new(papaya::HashMap::new);
+
+/// Counts one reservation request with `outcome`.
+///
+/// why a cache: `counter!` with a label builds and hashes a key on every call; the sold-out
+/// refusal is the hottest path there is, so each outcome's handle is registered once and reused.
+pub fn count_reservation(outcome: &'static str) {
+    let outcomes = OUTCOMES.pin();
+    let counter = outcomes.get_or_insert_with(
+        outcome,
+        || metrics::counter!(RESERVATIONS_TOTAL, "outcome" => outcome),
+    );
+    counter.increment(1);
+}
 
 /// Installs the process-wide recorder once and returns the handle that renders it.
 pub fn install() -> anyhow::Result<PrometheusHandle> {

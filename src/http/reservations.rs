@@ -68,7 +68,7 @@ pub(super) async fn reserve(
         Ok(_) => "created",
         Err(error) => error.code.name(),
     };
-    metrics::counter!(crate::metrics::RESERVATIONS_TOTAL, "outcome" => outcome).increment(1);
+    crate::metrics::count_reservation(outcome);
     result
 }
 
