@@ -162,6 +162,28 @@ pub struct Overrides {
     #[arg(long, env = "FIRSTCOME_WS_ALLOWED_ORIGINS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ws_allowed_origins: Option<Vec<String>>,
+    /// Several nodes: Redis holding the shared allocation ledger, e.g. redis://127.0.0.1:6379.
+    /// Requires a PostgreSQL database [default: none, one node on its own].
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Several nodes: prefix of every Redis key and channel [default: firstcome].
+    #[arg(long, env = "FIRSTCOME_REDIS_PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_prefix: Option<String>,
+    /// Several nodes: longest wait for one Redis call; past it the request gets 503 [default: 1000].
+    #[arg(long, env = "FIRSTCOME_REDIS_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_timeout_ms: Option<u64>,
+    /// Several nodes: an allocation whose row is still unknown this long after it was made (its
+    /// node died or lost the database) is reconciled: released unless its row committed [default: 30].
+    #[arg(long, env = "FIRSTCOME_RECONCILE_AFTER_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconcile_after_secs: Option<u64>,
+    /// Several nodes: this node's name in logs [default: random].
+    #[arg(long, env = "FIRSTCOME_NODE_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
 }
 
 /// How the caller of a user route is identified.
@@ -210,6 +232,11 @@ pub struct Settings {
     pub ws_max_message_bytes: usize,
     pub ws_channel_capacity: usize,
     pub ws_allowed_origins: Vec<String>,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub redis_timeout_ms: u64,
+    pub reconcile_after_secs: u64,
+    pub node_id: Option<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -247,11 +274,17 @@ impl std::fmt::Debug for Settings {
             .field("ws_max_message_bytes", &self.ws_max_message_bytes)
             .field("ws_channel_capacity", &self.ws_channel_capacity)
             .field("ws_allowed_origins", &self.ws_allowed_origins)
+            .field("redis_url", &self.redis_url.as_deref().map(redact_password))
+            .field("redis_prefix", &self.redis_prefix)
+            .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("reconcile_after_secs", &self.reconcile_after_secs)
+            .field("node_id", &self.node_id)
             .finish()
     }
 }
 
-fn redact_password(url: &str) -> String {
+/// A URL without its password, for logs and messages.
+pub fn redact_password(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             let _ = parsed.set_password(Some("***"));
@@ -294,6 +327,11 @@ impl Default for Settings {
             ws_max_message_bytes: 4096,
             ws_channel_capacity: 64,
             ws_allowed_origins: Vec::new(),
+            redis_url: None,
+            redis_prefix: "firstcome".into(),
+            redis_timeout_ms: 1000,
+            reconcile_after_secs: 30,
+            node_id: None,
         }
     }
 }
@@ -315,6 +353,13 @@ impl Settings {
             bail!(
                 "log_format must be `text` or `json`, not {:?}",
                 settings.log_format
+            );
+        }
+        if settings.redis_url.is_some() && !settings.database_url.starts_with("postgres") {
+            bail!(
+                "REDIS_URL (several nodes) needs a PostgreSQL database as the shared record; \
+                 DATABASE_URL is {}",
+                redact_password(&settings.database_url)
             );
         }
         Ok(settings)

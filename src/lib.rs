@@ -31,6 +31,7 @@
 //! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring.
 
 pub mod actors;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -38,6 +38,13 @@ pub const RATE_LIMITED_TOTAL: &str = "firstcome_rate_limited_requests_total";
 /// Counter: requests shed with 503 because an event actor's queue was full.
 pub const SHED_TOTAL: &str = "firstcome_shed_requests_total";
 
+/// Counter: calls this node made to Redis (several nodes).
+pub const REDIS_CALLS_TOTAL: &str = "firstcome_redis_calls_total";
+/// Counter: ledgers rebuilt from the database by this node (several nodes).
+pub const LEDGER_REBUILDS: &str = "firstcome_ledger_rebuilds_total";
+/// Counter: silent allocations reconciled, by `outcome` (`released`, `kept`).
+pub const RECONCILED: &str = "firstcome_reconciled_total";
+
 /// Latency buckets in seconds: the hot path lives between 1 and 50 ms.
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -52,6 +59,13 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// One registered counter per reservation outcome.
 static OUTCOMES: LazyLock<papaya::HashMap<&'static str, Counter>> = LazyLock::new(papaya::HashMap::new);
+
+static REDIS_CALLS: LazyLock<Counter> = LazyLock::new(|| metrics::counter!(REDIS_CALLS_TOTAL));
+
+/// Counts one call to Redis.
+pub fn redis_call() {
+    REDIS_CALLS.increment(1);
+}
 
 /// Counts one reservation request with `outcome`.
 ///

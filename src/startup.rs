@@ -13,6 +13,7 @@ use anyhow::Context;
 
 use crate::actors::persister::WriteAndWait;
 use crate::actors::{LiveHub, LiveSettings, Persister, PersisterStats, Registry};
+use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::http::auth::Authenticator;
 use crate::http::rate_limit::{RateLimit, RateLimits};
@@ -61,10 +62,39 @@ impl Application {
             .collect();
         let share_workers = settings.event_arbiters == 0;
         let live = Arc::new(LiveHub::new(LiveSettings::from_settings(&settings)));
+        let metrics = web::Data::new(crate::metrics::install()?);
+        let cluster = match &settings.redis_url {
+            None => None,
+            Some(url) => {
+                let node = settings
+                    .node_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+                let cluster = Cluster::connect(
+                    url,
+                    settings.redis_prefix.clone(),
+                    Duration::from_millis(settings.redis_timeout_ms.max(1)),
+                    Duration::from_secs(settings.reconcile_after_secs),
+                    node.clone(),
+                    db.clone(),
+                )
+                .await?;
+                tracing::info!(
+                    node,
+                    prefix = settings.redis_prefix,
+                    "several nodes: allocating through the Redis ledger"
+                );
+                Some(cluster)
+            }
+        };
         let registry = Arc::new(
             Registry::new(arbiters, db.clone(), persister.clone(), settings.mailbox_capacity)
-                .with_live(live.clone()),
+                .with_live(live.clone())
+                .with_cluster(cluster.clone()),
         );
+        if let Some(cluster) = &cluster {
+            crate::cluster::spawn_bridge(cluster.clone(), registry.clone());
+        }
 
         let rate_limits = settings.rate_limit.enabled.then(|| {
             let limits = Arc::new(RateLimits::new(&settings.rate_limit));
@@ -79,9 +109,9 @@ impl Application {
             body_limit: settings.body_limit,
             persister_stats: stats,
             rate_limits: rate_limits.clone(),
+            cluster,
         });
 
-        let metrics = web::Data::new(crate::metrics::install()?);
         let drain = web::Data::new(Drain::default());
         let server_drain = drain.clone();
 

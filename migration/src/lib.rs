@@ -4,6 +4,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261122_000001_create_events;
 mod m20261122_000002_create_reservations;
+mod m20261201_000003_ledger_generation;
 
 pub struct Migrator;
 
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261122_000001_create_events::Migration),
             Box::new(m20261122_000002_create_reservations::Migration),
+            Box::new(m20261201_000003_ledger_generation::Migration),
         ]
     }
 }

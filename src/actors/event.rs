@@ -229,13 +229,24 @@ impl Admission {
     }
 
     fn publish(&self, ledger: Option<&Ledger>, now: DateTime<Utc>) {
-        let sold_out =
-            ledger.is_some_and(|l| l.inventory().remaining() == 0 && l.event.window(now).is_none());
-        let closes_at = ledger
-            .and_then(|l| l.event.closes_at)
-            .map_or(i64::MAX, |at| at.timestamp_millis());
+        match ledger {
+            Some(l) => self.publish_counts(&l.event, l.inventory(), now),
+            None => self.publish_unknown(),
+        }
+    }
+
+    /// Publishes what `event` with `inventory` means for claims at the edge.
+    pub fn publish_counts(&self, event: &Event, inventory: Inventory, now: DateTime<Utc>) {
+        let sold_out = inventory.remaining() == 0 && event.window(now).is_none();
+        let closes_at = event.closes_at.map_or(i64::MAX, |at| at.timestamp_millis());
         self.closes_at_ms.store(closes_at, Ordering::Release);
         self.sold_out.store(sold_out, Ordering::Release);
+    }
+
+    /// The state is not known (loading, unavailable): every claim goes to the actor.
+    pub fn publish_unknown(&self) {
+        self.closes_at_ms.store(i64::MAX, Ordering::Release);
+        self.sold_out.store(false, Ordering::Release);
     }
 }
 

@@ -13,19 +13,61 @@ use actix::prelude::*;
 use actix_rt::ArbiterHandle;
 use sea_orm::DatabaseConnection;
 
-use super::event::{Admission, EventActor, Lifecycle};
+use super::event::{
+    Admission, Cancel, Confirm, EventActor, Lifecycle, Listening, Reserve, Snapshot, UpdateEvent,
+};
 use super::live::{LiveChannel, LiveHub, LiveSettings};
 use super::persister::Persister;
+use crate::cluster::{Cluster, ClusterEventActor, RemoteCounts};
 use crate::domain::EventId;
 use crate::store;
 
-/// An event's actor and what the HTTP edge checks before sending it a request.
+/// An event's actor and what the HTTP edge checks before sending it a request. The actor is an
+/// [`EventActor`] on one node, a [`ClusterEventActor`] with several; both take the same messages.
 #[derive(Clone)]
 pub struct EventHandle {
-    pub addr: Addr<EventActor>,
+    pub reserve: Recipient<Reserve>,
+    pub confirm: Recipient<Confirm>,
+    pub cancel: Recipient<Cancel>,
+    pub snapshot: Recipient<Snapshot>,
+    pub update: Recipient<UpdateEvent>,
+    pub listening: Recipient<Listening>,
+    /// Several nodes: counts heard from the other nodes.
+    pub remote: Option<Recipient<RemoteCounts>>,
     pub admission: Arc<Admission>,
     /// The event's live broadcaster, for WebSocket sessions to subscribe to.
     pub live: Arc<LiveChannel>,
+}
+
+impl EventHandle {
+    /// The handle of an actor that takes every event message.
+    fn of<A>(
+        addr: Addr<A>,
+        remote: Option<Recipient<RemoteCounts>>,
+        admission: Arc<Admission>,
+        live: Arc<LiveChannel>,
+    ) -> Self
+    where
+        A: Actor<Context = Context<A>>
+            + Handler<Reserve>
+            + Handler<Confirm>
+            + Handler<Cancel>
+            + Handler<Snapshot>
+            + Handler<UpdateEvent>
+            + Handler<Listening>,
+    {
+        EventHandle {
+            reserve: addr.clone().recipient(),
+            confirm: addr.clone().recipient(),
+            cancel: addr.clone().recipient(),
+            snapshot: addr.clone().recipient(),
+            update: addr.clone().recipient(),
+            listening: addr.recipient(),
+            remote,
+            admission,
+            live,
+        }
+    }
 }
 
 /// A point-in-time view of the event actors' queues.
@@ -47,6 +89,7 @@ pub struct Registry {
     lifecycle: Arc<Lifecycle>,
     mailbox_capacity: usize,
     live: Arc<LiveHub>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Registry {
@@ -66,6 +109,22 @@ impl Registry {
             lifecycle: Arc::default(),
             mailbox_capacity,
             live: Arc::new(LiveHub::new(LiveSettings::default())),
+            cluster: None,
+        }
+    }
+
+    /// Several nodes: event actors decide through the shared Redis ledger.
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Hands counts heard from another node to the event's actor, if it runs here.
+    pub fn remote(&self, id: EventId, counts: RemoteCounts) {
+        if let Some(handle) = self.actors.pin().get(&id)
+            && let Some(remote) = &handle.remote
+        {
+            remote.do_send(counts);
         }
     }
 
@@ -109,17 +168,29 @@ impl Registry {
             admission.clone(),
             live.clone(),
         );
-        let start = move |_: &mut Context<EventActor>| {
-            EventActor::new(id, db, persister, lifecycle, actor_admission, actor_live)
-        };
-        let addr = match arbiter {
-            Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, start),
-            None => Supervisor::start(start),
-        };
-        let handle = EventHandle {
-            addr,
-            admission,
-            live,
+        let handle = match &self.cluster {
+            None => {
+                let start = move |_: &mut Context<EventActor>| {
+                    EventActor::new(id, db, persister, lifecycle, actor_admission, actor_live)
+                };
+                let addr = match arbiter {
+                    Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, start),
+                    None => Supervisor::start(start),
+                };
+                EventHandle::of(addr, None, admission, live)
+            }
+            Some(cluster) => {
+                let cluster = cluster.clone();
+                let start = move |_: &mut Context<ClusterEventActor>| {
+                    ClusterEventActor::new(id, db, persister, cluster, lifecycle, actor_admission, actor_live)
+                };
+                let addr = match arbiter {
+                    Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, start),
+                    None => Supervisor::start(start),
+                };
+                let remote = addr.clone().recipient();
+                EventHandle::of(addr, Some(remote), admission, live)
+            }
         };
         self.actors.pin().insert(id, handle.clone());
         Ok(Some(handle))

@@ -21,14 +21,20 @@ pub(super) async fn healthz() -> HttpResponse {
         .body(r#"{"status":"ok"}"#)
 }
 
-/// The database answers.
+/// The database answers (and, with several nodes, Redis).
 #[utoipa::path(get, path = "/readyz", tag = "probes", responses(
-    (status = 200, description = "The database answers"),
-    (status = 503, description = "The database does not answer", body = Problem, content_type = "application/problem+json")))]
+    (status = 200, description = "The database (and Redis, with several nodes) answers"),
+    (status = 503, description = "The database or Redis does not answer", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     store::ping(&state.db)
         .await
         .map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
+    if let Some(cluster) = &state.cluster {
+        cluster
+            .ping()
+            .await
+            .map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
+    }
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(r#"{"status":"ready"}"#))

@@ -38,6 +38,8 @@ pub struct AppState {
     pub persister_stats: Arc<PersisterStats>,
     /// `None` when rate limiting is off.
     pub rate_limits: Option<Arc<rate_limit::RateLimits>>,
+    /// Several nodes: the shared Redis ledger (`None` on one node).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Registers every route.

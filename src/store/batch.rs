@@ -29,6 +29,12 @@ use crate::domain::{Event, Reservation, ReservationId, ReservationStatus};
 pub enum WriteOp {
     /// A new reservation.
     Insert(Reservation),
+    /// Several nodes (PostgreSQL): a new reservation whose units the Redis ledger allocated
+    /// under `generation`; it lands only while that generation is current.
+    InsertFenced {
+        reservation: Reservation,
+        generation: i64,
+    },
     /// A reservation moves to `status` (confirm, cancel, expiry).
     SetStatus {
         id: ReservationId,
@@ -54,23 +60,43 @@ const SQLITE_INSERT_JSON: &str = "INSERT INTO reservations \
 pub async fn apply_batch(db: &DatabaseConnection, backend: Backend, ops: &[WriteOp]) -> anyhow::Result<()> {
     let now: DateTime<Utc> = crate::domain::now();
     let mut inserts = Vec::new();
+    let mut fenced: HashMap<(i64, i64), Vec<&Reservation>> = HashMap::new();
     let mut status_changes: HashMap<ReservationStatus, Vec<uuid::Uuid>> = HashMap::new();
     let mut event_updates = Vec::new();
     for op in ops {
         match op {
             WriteOp::Insert(r) => inserts.push(r),
+            WriteOp::InsertFenced {
+                reservation,
+                generation,
+            } => fenced
+                .entry((reservation.event_id.get(), *generation))
+                .or_default()
+                .push(reservation),
             WriteOp::SetStatus { id, status } => status_changes.entry(*status).or_default().push(id.get()),
             WriteOp::UpdateEvent(e) => event_updates.push(event_to_row(e).into_active_model()),
         }
     }
     let insert_statements = insert_statements(backend, &inserts)?;
+    let fenced_statements: Vec<(Statement, usize)> = fenced
+        .iter()
+        .flat_map(|(&(event, generation), rows)| {
+            super::fenced::fenced_insert_statements(crate::domain::EventId::from_db(event), generation, rows)
+        })
+        .collect();
 
     // why: a batch that is a single statement (the hot path: only new reservations) is sent
     // alone; the database commits it atomically on its own. That saves the BEGIN and COMMIT
     // round trips, and SQLite then keeps no statement journal.
-    if status_changes.is_empty() && event_updates.is_empty() && insert_statements.len() <= 1 {
+    if status_changes.is_empty()
+        && event_updates.is_empty()
+        && insert_statements.len() + fenced_statements.len() <= 1
+    {
         for statement in insert_statements {
             execute_insert(db, statement, inserts.len()).await?;
+        }
+        for (statement, rows) in fenced_statements {
+            execute_fenced(db, statement, rows).await?;
         }
         return Ok(());
     }
@@ -78,6 +104,9 @@ pub async fn apply_batch(db: &DatabaseConnection, backend: Backend, ops: &[Write
     let txn = db.begin().await.context("beginning a batch transaction")?;
     for statement in insert_statements {
         execute_insert(&txn, statement, inserts.len()).await?;
+    }
+    for (statement, rows) in fenced_statements {
+        execute_fenced(&txn, statement, rows).await?;
     }
     for (status, ids) in status_changes {
         // Two parameters go to the SET clause.
@@ -104,6 +133,21 @@ async fn execute_insert(db: &impl ConnectionTrait, statement: Statement, rows: u
     db.execute_raw(statement)
         .await
         .with_context(|| format!("inserting {rows} reservations"))?;
+    Ok(())
+}
+
+/// A fenced insert lands whole or not at all: fewer rows means the ledger was rebuilt since its
+/// units were allocated, and the batch must fail.
+async fn execute_fenced(db: &impl ConnectionTrait, statement: Statement, rows: usize) -> anyhow::Result<()> {
+    let inserted = db
+        .execute_raw(statement)
+        .await
+        .with_context(|| format!("inserting {rows} reservations"))?
+        .rows_affected();
+    anyhow::ensure!(
+        inserted == rows as u64,
+        "the ledger was rebuilt after these {rows} units were allocated; none of them is reserved"
+    );
     Ok(())
 }
 

@@ -135,8 +135,34 @@ fn pool<DB: sqlx::Database>(max_connections: u32) -> PoolOptions<DB> {
 }
 
 /// Brings the schema up to date.
+/// Runs the pending migrations. On PostgreSQL several nodes may start at once on one database,
+/// so migrations run under a session advisory lock, held on a connection of its own: the first
+/// node migrates, the others wait and then find nothing left to do.
 pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
-    Migrator::up(db, None)
+    /// The advisory lock key: "firstcome" in ASCII, shortened to fit 63 bits.
+    const MIGRATION_LOCK: i64 = 0x6669_7273_7463_6f6d;
+    if db.get_database_backend() != sea_orm::DatabaseBackend::Postgres {
+        return Migrator::up(db, None)
+            .await
+            .context("running database migrations");
+    }
+    let pool = db.get_postgres_connection_pool();
+    let mut lock = pool
+        .acquire()
         .await
-        .context("running database migrations")
+        .context("taking a connection for the migration lock")?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *lock)
+        .await
+        .context("taking the migration lock")?;
+    let migrated = Migrator::up(db, None)
+        .await
+        .context("running database migrations");
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *lock)
+        .await
+        .context("releasing the migration lock");
+    migrated.and(unlocked.map(|_| ()))
 }

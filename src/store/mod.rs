@@ -5,10 +5,12 @@
 mod batch;
 mod connect;
 mod convert;
+mod fenced;
 mod queries;
 
 pub use batch::{WriteOp, apply_batch};
 pub use connect::{Backend, connect, migrate};
+pub use fenced::{Rebuild, Recorded, Tombstone, ledger_generation, settle, transition};
 pub use queries::{
     EventState, create_event, events_with_holds, find_event, find_reservation, list_user_reservations,
     load_event_state, ping,
