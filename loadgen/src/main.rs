@@ -8,6 +8,9 @@
 //! * `ws-fanout`: many WebSocket listeners on one event, then the sale of its last unit; the
 //!   time until every listener has read `sold_out` (see `ws_fanout.rs`).
 //!
+//! `--target a:1,b:2,…` spreads the connections of `rate` and `burst` round-robin over several
+//! servers (the nodes of a cluster) and reports the answered requests per server.
+//!
 //! Each run prints one JSON object on stdout. The client is deliberately lean (hyper's low-level
 //! HTTP/1 connection, no pooling layer, no TLS) because it shares the machine with the server.
 
@@ -86,6 +89,11 @@ struct TargetArgs {
     /// Name reported in the output [default: the subcommand].
     #[arg(long)]
     scenario: Option<String>,
+    /// Spread the connections over these servers (`host:port` or `http://host:port`;
+    /// comma-separated or repeated): connection i goes to the (i mod n)-th, with that server
+    /// as its Host. Path, method and body come from `--url` [default: the server in `--url`].
+    #[arg(long = "target", value_name = "HOST:PORT", value_delimiter = ',')]
+    targets: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -174,13 +182,20 @@ fn user_token(user: &str, key: &jsonwebtoken::EncodingKey) -> anyhow::Result<Hea
     HeaderValue::from_str(&format!("Bearer {token}")).context("a token header")
 }
 
+/// One server to connect to: its address and the Host header its requests carry.
+#[derive(Debug)]
+struct Server {
+    addr: String,
+    host: HeaderValue,
+}
+
 /// A parsed target: where to connect and how to build each request.
 #[derive(Debug)]
 struct Template {
-    addr: String,
+    /// Connection i talks to `servers[i % servers.len()]`; never empty.
+    servers: Vec<Server>,
     method: Method,
     path: Uri,
-    host: HeaderValue,
     headers: Vec<(HeaderName, HeaderValue)>,
     body: Bytes,
     users: Users,
@@ -191,6 +206,14 @@ const USER_HEADER: HeaderName = HeaderName::from_static("x-user-id");
 impl Template {
     fn new(args: &TargetArgs, default_method: Method) -> anyhow::Result<Self> {
         let (addr, path, host) = split_url(&args.url)?;
+        let servers = if args.targets.is_empty() {
+            vec![Server { addr, host }]
+        } else {
+            args.targets
+                .iter()
+                .map(|t| parse_server(t))
+                .collect::<anyhow::Result<Vec<_>>>()?
+        };
         let method = match &args.method {
             Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                 .with_context(|| format!("bad method {m:?}"))?,
@@ -219,14 +242,18 @@ impl Template {
             (None, None) => Users::None,
         };
         Ok(Self {
-            addr,
+            servers,
             method,
             path,
-            host,
             headers,
             body,
             users,
         })
+    }
+
+    /// The server connection `conn` talks to.
+    fn server(&self, conn: usize) -> &Server {
+        &self.servers[conn % self.servers.len()]
     }
 
     /// The `n`-th request on connection `conn`.
@@ -234,7 +261,7 @@ impl Template {
         let mut builder = Request::builder()
             .method(self.method.clone())
             .uri(self.path.clone())
-            .header(HOST, self.host.clone());
+            .header(HOST, self.server(conn).host.clone());
         for (name, value) in &self.headers {
             builder = builder.header(name, value);
         }
@@ -271,6 +298,17 @@ fn split_url(url: &str) -> anyhow::Result<(String, Uri, HeaderValue)> {
         .context("bad path")?;
     let host = HeaderValue::from_str(authority.as_str()).context("bad host")?;
     Ok((addr, path, host))
+}
+
+/// `host:port` or `http://host:port[/…]` (any path is ignored) → the server to connect to.
+fn parse_server(raw: &str) -> anyhow::Result<Server> {
+    let url = if raw.contains("://") {
+        raw.to_owned()
+    } else {
+        format!("http://{raw}")
+    };
+    let (addr, _, host) = split_url(&url).with_context(|| format!("bad --target {raw:?}"))?;
+    Ok(Server { addr, host })
 }
 
 fn parse_header(raw: &str) -> anyhow::Result<(HeaderName, HeaderValue)> {
@@ -373,6 +411,18 @@ fn status_json(status: &BTreeMap<u16, u64>) -> Value {
     )
 }
 
+/// The answered requests per server, in `--target` order.
+fn targets_json(template: &Template, per_server: &[u64]) -> Value {
+    Value::Array(
+        template
+            .servers
+            .iter()
+            .zip(per_server)
+            .map(|(server, requests)| json!({ "target": server.addr, "requests": requests }))
+            .collect(),
+    )
+}
+
 /// GETs a JSON document (the server's stats) around the measurement, each time on a fresh
 /// connection (an idle one would hit the server's keep-alive timeout).
 struct Probe {
@@ -434,8 +484,8 @@ async fn rate(args: RateArgs) -> anyhow::Result<Value> {
 
     // Connect everything before the clock starts.
     let mut senders = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
-        senders.push(connect(&template.addr).await?);
+    for idx in 0..args.connections {
+        senders.push(connect(&template.server(idx).addr).await?);
     }
     let begin = Instant::now();
     let measure_from = begin + Duration::from_secs_f64(args.warmup);
@@ -466,8 +516,10 @@ async fn rate(args: RateArgs) -> anyhow::Result<Value> {
     let mut status = BTreeMap::new();
     let mut samples = Samples::new();
     let (mut errors, mut reconnects) = (0, 0);
-    for task in tasks {
+    let mut per_server = vec![0u64; template.servers.len()];
+    for (idx, task) in tasks.into_iter().enumerate() {
         let tally = task.await.context("a connection task panicked")??;
+        per_server[idx % template.servers.len()] += tally.hist.len();
         hist.add(&tally.hist)
             .map_err(|e| anyhow!("merging histograms: {e:?}"))?;
         for (code, body) in tally.samples {
@@ -501,6 +553,9 @@ async fn rate(args: RateArgs) -> anyhow::Result<Value> {
     out.insert("status".into(), status_json(&status));
     out.insert("samples".into(), samples_json(&samples));
     percentiles(&hist, &mut out, "");
+    if !args.target.targets.is_empty() {
+        out.insert("targets".into(), targets_json(&template, &per_server));
+    }
     if args.probe_url.is_some() {
         out.insert("probe_before".into(), probe_before);
         out.insert("probe_after".into(), probe_after);
@@ -533,7 +588,7 @@ async fn rate_connection(
         }
         let current = match sender.as_mut() {
             Some(s) => s,
-            None => match connect(&template.addr).await {
+            None => match connect(&template.server(idx).addr).await {
                 Ok(s) => {
                     tally.reconnects += 1;
                     sender.insert(s)
@@ -598,10 +653,10 @@ async fn burst(args: BurstArgs) -> anyhow::Result<Value> {
         let ready = ready_tx.clone();
         tasks.push(tokio::spawn(async move {
             let setup = async {
-                let mut sender = connect(&template.addr).await?;
+                let mut sender = connect(&template.server(idx).addr).await?;
                 if let Some(path) = prime {
                     let req = Request::get(path)
-                        .header(HOST, template.host.clone())
+                        .header(HOST, template.server(idx).host.clone())
                         .body(Full::new(Bytes::new()))?;
                     exchange(&mut sender, req).await.context("priming")?;
                 }
@@ -667,10 +722,12 @@ async fn burst(args: BurstArgs) -> anyhow::Result<Value> {
     let mut errors = 0u64;
     let mut first_error = None;
     let mut all_answered = Duration::ZERO;
-    for task in tasks {
+    let mut per_server = vec![0u64; template.servers.len()];
+    for (idx, task) in tasks.into_iter().enumerate() {
         match task.await.context("a client task panicked")? {
             None => {}
             Some(Ok((code, body, latency, after_release))) => {
+                per_server[idx % template.servers.len()] += 1;
                 keep_sample(&mut samples, code, &body);
                 hist.saturating_record(micros(latency).max(1));
                 since_release.saturating_record(micros(after_release).max(1));
@@ -702,6 +759,9 @@ async fn burst(args: BurstArgs) -> anyhow::Result<Value> {
     out.insert("all_answered_ms".into(), json!(ms(micros(all_answered))));
     percentiles(&hist, &mut out, "");
     percentiles(&since_release, &mut out, "release_");
+    if !args.target.targets.is_empty() {
+        out.insert("targets".into(), targets_json(&template, &per_server));
+    }
     if let Some(e) = first_connect_error {
         out.insert("first_connect_error".into(), json!(e));
     }
@@ -741,6 +801,7 @@ mod tests {
             user: None,
             headers: vec!["Authorization: Bearer t".into()],
             scenario: None,
+            targets: Vec::new(),
         };
         let template = Template::new(&args, Method::POST)?;
         let req = template.build(7, 42)?;
@@ -764,6 +825,7 @@ mod tests {
             user: None,
             headers: Vec::new(),
             scenario: None,
+            targets: Vec::new(),
         };
         let req = Template::new(&args, Method::POST)?.build(3, 9)?;
         let header = req.headers()["authorization"].to_str()?;
@@ -773,6 +835,52 @@ mod tests {
             jsonwebtoken::decode(token, &key, &jsonwebtoken::Validation::default())?.claims;
         assert_eq!(claims["sub"], "u-3-9");
         assert!(req.headers().get("x-user-id").is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn connections_are_spread_round_robin_over_the_targets() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "rate",
+            "--url",
+            "http://127.0.0.1:1/v1/events/4/reservations",
+            "--target",
+            "127.0.0.1:8081,http://127.0.0.1:8082",
+            "--target",
+            "localhost:8083",
+        ])?;
+        let Command::Rate(args) = cli.command else {
+            bail!("expected the rate subcommand");
+        };
+        let template = Template::new(&args.target, Method::POST)?;
+        let addrs: Vec<_> = (0..4).map(|conn| template.server(conn).addr.as_str()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "127.0.0.1:8081",
+                "127.0.0.1:8082",
+                "localhost:8083",
+                "127.0.0.1:8081"
+            ]
+        );
+        let req = template.build(1, 0)?;
+        assert_eq!(req.headers()["host"], "127.0.0.1:8082");
+        assert_eq!(req.uri(), "/v1/events/4/reservations");
+        assert!(parse_server("https://127.0.0.1:8081").is_err());
+        assert!(parse_server("").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn without_targets_every_connection_goes_to_the_url() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(["loadgen", "burst", "--url", "http://127.0.0.1:9/x"])?;
+        let Command::Burst(args) = cli.command else {
+            bail!("expected the burst subcommand");
+        };
+        let template = Template::new(&args.target, Method::POST)?;
+        assert_eq!(template.servers.len(), 1);
+        assert_eq!(template.server(5).addr, "127.0.0.1:9");
         Ok(())
     }
 }
