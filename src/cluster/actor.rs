@@ -805,12 +805,24 @@ impl Handler<Snapshot> for ClusterEventActor {
 
     /// Reads the global counts from the ledger, so every node shows the same numbers.
     fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
+        let (cluster, id) = (self.cluster.clone(), self.id);
         let Some((event, _)) = self.ready() else {
-            let refusal = self.refusal_when_not_ready();
-            return Box::pin(fut::ready(Err(refusal)));
+            if matches!(self.phase, Phase::Gone) {
+                return Box::pin(fut::ready(Err(Refusal::EventGone)));
+            }
+            // Starting or rebuilding: answer from the record and whatever ledger exists.
+            let db = self.db.clone();
+            let read = async move {
+                let event = store::find_event(&db, id).await.ok().flatten();
+                let counts = cluster.counts(id).await.ok().flatten();
+                match (event, counts) {
+                    (Some(event), Some(counts)) => Ok(snapshot(&event, counts)),
+                    _ => Err(Refusal::Unavailable),
+                }
+            };
+            return Box::pin(read.into_actor(self));
         };
         let event = event.clone();
-        let (cluster, id) = (self.cluster.clone(), self.id);
         Box::pin(
             async move { cluster.counts(id).await }.into_actor(self).map(
                 move |counts, act, ctx| match counts {

@@ -243,7 +243,10 @@ pub async fn settle(
         let rows = txn
             .query_all_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                format!("SELECT id, status, expires_at FROM reservations WHERE id IN ({list})"),
+                format!(
+                    "SELECT id, status, expires_at FROM reservations WHERE id IN ({})",
+                    placeholders(1, chunk.len())
+                ),
                 values[1..].to_vec(),
             ))
             .await
