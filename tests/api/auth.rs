@@ -13,7 +13,7 @@ use reqwest::{Method, RequestBuilder};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{ADMIN_TOKEN, Backend, Reply, TestApp, send};
+use crate::helpers::{ADMIN_TOKEN, Backend, Reply, TestApp, developer_settings, send};
 
 const SECRET: &str = "test-only-hs256-secret-0123456789abcdef";
 const ISSUER: &str = "https://id.example.test/";
@@ -869,10 +869,8 @@ fn serve(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> tokio::p
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("FIRSTCOME_") && name != "FIRSTCOME_ADMIN_TOKEN" || name == "DATABASE_URL" {
-            command.env_remove(name);
-        }
+    for name in developer_settings() {
+        command.env_remove(name);
     }
     command.envs(env.iter().copied());
     command

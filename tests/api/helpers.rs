@@ -309,6 +309,16 @@ async fn run_on_server(backend: Backend, server: &str, sql: &str) -> anyhow::Res
 // The server process
 // ---------------------------------------------------------------------------------------------
 
+/// The server settings in the developer's environment, which must not leak into a test server
+/// (an exported `REDIS_URL` would put every single-node test into several-node mode).
+pub fn developer_settings() -> impl Iterator<Item = String> {
+    std::env::vars().map(|(name, _)| name).filter(|name| {
+        name.starts_with("FIRSTCOME_") && name != "FIRSTCOME_ADMIN_TOKEN"
+            || name == "DATABASE_URL"
+            || name == "REDIS_URL"
+    })
+}
+
 /// A running `firstcome serve`; killed (SIGKILL) and reaped when dropped.
 struct Server {
     child: Child,
@@ -331,11 +341,8 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
-        // why: settings from the developer's environment must not leak into the test servers.
-        for (name, _) in std::env::vars() {
-            if name.starts_with("FIRSTCOME_") && name != "FIRSTCOME_ADMIN_TOKEN" || name == "DATABASE_URL" {
-                command.env_remove(name);
-            }
+        for name in developer_settings() {
+            command.env_remove(name);
         }
         // why: every test talks from 127.0.0.1, and the stampedes send up to 1,500 requests at
         // once; rate limits are off unless a test opts in with `--rate-limit true` (flags win
@@ -406,7 +413,7 @@ impl Drop for Server {
 }
 
 /// The last `lines` lines of a log file, for failure messages.
-fn log_tail(path: &Path, lines: usize) -> String {
+pub fn log_tail(path: &Path, lines: usize) -> String {
     let Ok(file) = File::open(path) else {
         return format!("(no log at {})", path.display());
     };
@@ -418,11 +425,13 @@ fn log_tail(path: &Path, lines: usize) -> String {
 // The application under test
 // ---------------------------------------------------------------------------------------------
 
-/// A server on its own database, and a client for it. Fields drop in order: the server is
-/// killed before its database is dropped.
+/// A server on its own database (or on one several cluster nodes share), and a client for
+/// it. Fields drop in order: the server is killed before its database is dropped.
 pub struct TestApp {
     server: Option<Server>,
-    pub db: TestDb,
+    pub db: Arc<TestDb>,
+    /// How the server reaches `db`.
+    database_url: String,
     pub client: Client,
     /// `http://127.0.0.1:<port>` of the current server process (it changes on restart).
     pub address: String,
@@ -438,8 +447,21 @@ impl TestApp {
 
     /// Like [`TestApp::spawn`], with extra `serve` flags (kept across restarts).
     pub async fn spawn_with(backend: Backend, args: &[&str]) -> anyhow::Result<TestApp> {
-        let db = TestDb::create(backend).await?;
+        let db = Arc::new(TestDb::create(backend).await?);
         let log = db.dir().join("server.log");
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let database_url = db.url.clone();
+        TestApp::spawn_on(db, database_url, args, log).await
+    }
+
+    /// A server on an existing database (shared with other servers) that it reaches at
+    /// `database_url` (`db.url`, or the same database through a proxy), logging to `log`.
+    pub async fn spawn_on(
+        db: Arc<TestDb>,
+        database_url: String,
+        args: Vec<String>,
+        log: PathBuf,
+    ) -> anyhow::Result<TestApp> {
         let client = Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(20))
@@ -448,9 +470,10 @@ impl TestApp {
         let mut app = TestApp {
             server: None,
             db,
+            database_url,
             client,
             address: String::new(),
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            args,
             log,
         };
         app.start().await?;
@@ -459,7 +482,7 @@ impl TestApp {
 
     /// Starts a server process on this app's database (after [`TestApp::kill`]).
     pub async fn start(&mut self) -> anyhow::Result<()> {
-        let server = Server::start(&self.db.url, &self.args, &self.log).await?;
+        let server = Server::start(&self.database_url, &self.args, &self.log).await?;
         self.address = format!("http://127.0.0.1:{}", server.port);
         self.server = Some(server);
         Ok(())
@@ -551,26 +574,7 @@ impl TestApp {
         if reply.status != StatusCode::OK {
             bail!("GET event {event_id} answered {reply}");
         }
-        let number = |member: &str| {
-            reply.body[member]
-                .as_i64()
-                .with_context(|| format!("no {member} in {reply}"))
-        };
-        let counts = Counts {
-            stock: number("stock")?,
-            remaining: number("remaining")?,
-            held: number("held")?,
-            sold: number("sold")?,
-            status: reply.body["status"].as_str().unwrap_or_default().to_owned(),
-        };
-        if counts.remaining + counts.held + counts.sold != counts.stock
-            || counts.remaining < 0
-            || counts.held < 0
-            || counts.sold < 0
-        {
-            bail!("conservation broken: {counts:?}");
-        }
-        Ok(counts)
+        Counts::parse(&reply)
     }
 
     pub async fn patch_event(&self, event_id: i64, patch: Value) -> anyhow::Result<Reply> {
@@ -683,6 +687,32 @@ pub struct Counts {
     pub held: i64,
     pub sold: i64,
     pub status: String,
+}
+
+impl Counts {
+    /// The counts in an event's body; fails unless they add up to the stock, none negative.
+    pub fn parse(reply: &Reply) -> anyhow::Result<Counts> {
+        let number = |member: &str| {
+            reply.body[member]
+                .as_i64()
+                .with_context(|| format!("no {member} in {reply}"))
+        };
+        let counts = Counts {
+            stock: number("stock")?,
+            remaining: number("remaining")?,
+            held: number("held")?,
+            sold: number("sold")?,
+            status: reply.body["status"].as_str().unwrap_or_default().to_owned(),
+        };
+        if counts.remaining + counts.held + counts.sold != counts.stock
+            || counts.remaining < 0
+            || counts.held < 0
+            || counts.sold < 0
+        {
+            bail!("conservation broken: {counts:?}");
+        }
+        Ok(counts)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -835,7 +865,8 @@ impl Outcome {
 /// Many users claiming one unit each of one event, all released at the same instant.
 pub struct Stampede {
     client: Client,
-    url: String,
+    /// The reservation URL on each server; user `i` claims through `urls[i % urls.len()]`.
+    urls: Vec<String>,
     users: Vec<String>,
     /// Incremented as each request ends (answered or not), so a test can act mid-stampede.
     pub finished: Arc<AtomicUsize>,
@@ -844,9 +875,23 @@ pub struct Stampede {
 impl Stampede {
     /// `users` each send one `POST {address}/v1/events/{event_id}/reservations` with no body.
     pub fn new(client: &Client, address: &str, event_id: i64, users: Vec<String>) -> Stampede {
+        Stampede::round_robin(client, &[address], event_id, users)
+    }
+
+    /// Like [`Stampede::new`] over several servers: user `i` claims through `addresses[i % n]`.
+    pub fn round_robin<A: AsRef<str>>(
+        client: &Client,
+        addresses: &[A],
+        event_id: i64,
+        users: Vec<String>,
+    ) -> Stampede {
+        let urls = addresses
+            .iter()
+            .map(|address| format!("{}/v1/events/{event_id}/reservations", address.as_ref()))
+            .collect();
         Stampede {
             client: client.clone(),
-            url: format!("{address}/v1/events/{event_id}/reservations"),
+            urls,
             users,
             finished: Arc::default(),
         }
@@ -865,10 +910,11 @@ impl Stampede {
         let tasks: Vec<_> = self
             .users
             .into_iter()
-            .map(|user| {
+            .enumerate()
+            .map(|(i, user)| {
                 let (client, url, start, finished) = (
                     self.client.clone(),
-                    self.url.clone(),
+                    self.urls[i % self.urls.len()].clone(),
                     start.clone(),
                     self.finished.clone(),
                 );
