@@ -488,6 +488,11 @@ impl TestApp {
         Ok(())
     }
 
+    /// Whether a server process was started and not killed or terminated since.
+    pub fn is_running(&self) -> bool {
+        self.server.is_some()
+    }
+
     /// kill -9 of the server process; requests in flight get no answer.
     pub fn kill(&mut self) {
         if let Some(mut server) = self.server.take() {
@@ -854,6 +859,9 @@ pub struct Outcome {
     pub slowest: Duration,
     /// The first reply of each kind of refusal, for assertions on its headers and body.
     pub refusal_samples: BTreeMap<String, Reply>,
+    /// Clients that sent their claim again because the server never read it (only with
+    /// [`Stampede::retrying_unread`]).
+    pub retried: usize,
 }
 
 impl Outcome {
@@ -870,6 +878,21 @@ pub struct Stampede {
     users: Vec<String>,
     /// Incremented as each request ends (answered or not), so a test can act mid-stampede.
     pub finished: Arc<AtomicUsize>,
+    /// Whether a request the server provably never read is sent again (see [`Stampede::retrying_unread`]).
+    retry_unread: bool,
+}
+
+/// How often one client of a [`Stampede::retrying_unread`] stampede sends its claim again.
+const UNREAD_RETRIES: usize = 3;
+
+/// Whether the server answered without having read the request: a `408 Request Timeout` (actix
+/// sends it when no request head arrived within its client request timeout), or an answer that
+/// came before the request was even sent (hyper's "unexpected message").
+fn never_read(reply: &anyhow::Result<Reply>) -> bool {
+    match reply {
+        Ok(reply) => reply.status == StatusCode::REQUEST_TIMEOUT,
+        Err(error) => format!("{error:#}").contains("received unexpected message from connection"),
+    }
 }
 
 impl Stampede {
@@ -894,7 +917,17 @@ impl Stampede {
             urls,
             users,
             finished: Arc::default(),
+            retry_unread: false,
         }
+    }
+
+    /// A client whose claim the server never read (see [`never_read`]) sends it again, up to
+    /// `UNREAD_RETRIES` times; [`Outcome::retried`] counts those. For bursts larger than debug
+    /// builds on this machine read within actix's 5 s client request timeout: such a claim had
+    /// no effect, so sending it again changes nothing the stampede checks.
+    pub fn retrying_unread(mut self) -> Stampede {
+        self.retry_unread = true;
+        self
     }
 
     /// `count` distinct user names starting with `prefix`.
@@ -912,19 +945,25 @@ impl Stampede {
             .into_iter()
             .enumerate()
             .map(|(i, user)| {
-                let (client, url, start, finished) = (
+                let (client, url, start, finished, retry_unread) = (
                     self.client.clone(),
                     self.urls[i % self.urls.len()].clone(),
                     start.clone(),
                     self.finished.clone(),
+                    self.retry_unread,
                 );
                 tokio::spawn(async move {
                     let request = client.post(&url).header("x-user-id", &user);
                     start.wait().await;
                     let began = Instant::now();
-                    let reply = send(request).await;
+                    let mut reply = send(request).await;
+                    let mut retries = 0;
+                    while retry_unread && retries < UNREAD_RETRIES && never_read(&reply) {
+                        retries += 1;
+                        reply = send(client.post(&url).header("x-user-id", &user)).await;
+                    }
                     finished.fetch_add(1, Ordering::Relaxed);
-                    (user, reply, began.elapsed())
+                    (user, reply, began.elapsed(), retries)
                 })
             })
             .collect();
@@ -933,7 +972,7 @@ impl Stampede {
             ..Outcome::default()
         };
         for task in tasks {
-            let (user, reply, took) = match task.await {
+            let (user, reply, took, retries) = match task.await {
                 Ok(done) => done,
                 Err(error) => {
                     outcome.unanswered.push(format!("task failed: {error}"));
@@ -941,6 +980,7 @@ impl Stampede {
                 }
             };
             outcome.slowest = outcome.slowest.max(took);
+            outcome.retried += usize::from(retries > 0);
             match reply {
                 Ok(reply) if reply.status == StatusCode::CREATED => {
                     match reply.id().and_then(|id| Uuid::parse_str(id).ok()) {
