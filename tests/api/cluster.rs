@@ -12,14 +12,15 @@ mod harness;
 
 use std::collections::HashSet;
 
+use anyhow::Context;
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use self::harness::Cluster;
 use crate::helpers::{
-    Outcome, Row, Stampede, active_units, assert_acknowledged_are_durable, check_exact, exclusive_machine,
-    send,
+    EXPIRY_SLACK, Outcome, Row, Stampede, active_units, assert_acknowledged_are_durable, check_exact,
+    exclusive_machine, quiet_machine, send, timestamp,
 };
 
 /// The most claims of the 5,000-client burst that may have to be sent again unread (a fifth).
@@ -66,6 +67,13 @@ async fn assert_counts_everywhere(
         );
     }
     Ok(())
+}
+
+fn reservation_id(reservation: &Value) -> anyhow::Result<String> {
+    reservation["id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no reservation id in {reservation}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -245,4 +253,152 @@ async fn concurrent_requests_with_one_key_across_three_nodes_create_one_reservat
     assert_eq!(active_units(&rows), (1, 2), "one reservation in the database");
     assert!(ids.contains(&rows[0].id.to_string()), "{ids:?} vs {rows:?}");
     assert_counts_everywhere(&cluster, event, (98, 2, 0)).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Holds, confirms and cancels
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_made_on_one_node_expires_once_for_every_node_and_a_confirm_on_another_is_refused()
+-> anyhow::Result<()> {
+    let _quiet = quiet_machine().await;
+    // Arrange
+    let cluster = Cluster::on_shared_redis(3, &[]).await?;
+    let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let event = a.ticket_event(2, 2, 1).await?;
+    let hold = a.reserve_ok(event, "ana", Some(2)).await?;
+    let id = reservation_id(&hold)?;
+    let expires_at = timestamp(&hold["expires_at"])?;
+    assert_counts_everywhere(&cluster, event, (0, 2, 0)).await?;
+
+    // Act: node C watches the units come back; then node B is asked to confirm.
+    let (counts, back_at) = c.watch_release(event, 2, expires_at).await?;
+    let confirm = b.confirm(&id, "ana").await?;
+
+    // Assert
+    confirm.assert_problem(409, "hold_expired");
+    assert!(
+        back_at <= expires_at + EXPIRY_SLACK,
+        "units came back {} ms after the hold expired",
+        (back_at - expires_at).num_milliseconds()
+    );
+    assert_eq!(
+        (counts.remaining, counts.held, counts.sold),
+        (2, 0, 0),
+        "{counts:?}"
+    );
+    assert_counts_everywhere(&cluster, event, (2, 0, 0)).await?;
+    let rows = cluster.db.reservations(event).await?;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].status, "expired", "the database row");
+    let read = b.get_reservation(&id, "ana").await?;
+    assert_eq!(read.body["status"], "expired", "{read}");
+
+    // Released exactly once: the two units sell once more, and not a third time.
+    c.reserve_ok(event, "ben", Some(2)).await?;
+    b.reserve(event, "cy", Some(1), None)
+        .await?
+        .assert_problem(409, "sold_out");
+    assert_eq!(active_units(&cluster.db.reservations(event).await?), (1, 2));
+    assert_counts_everywhere(&cluster, event, (0, 2, 0)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_whose_node_was_killed_still_expires_once_on_the_other_nodes() -> anyhow::Result<()> {
+    let _quiet = quiet_machine().await;
+    // Arrange: every node has read the event (so each runs its actor); node A holds it all.
+    let mut cluster = Cluster::on_shared_redis(3, &[]).await?;
+    let event = cluster.node(0).ticket_event(2, 2, 2).await?;
+    assert_counts_everywhere(&cluster, event, (2, 0, 0)).await?;
+    let hold = cluster.node(0).reserve_ok(event, "ana", Some(2)).await?;
+    let id = reservation_id(&hold)?;
+    let expires_at = timestamp(&hold["expires_at"])?;
+
+    // Act
+    cluster.kill(0);
+    let (counts, back_at) = cluster.node(2).watch_release(event, 2, expires_at).await?;
+    let confirm = cluster.node(1).confirm(&id, "ana").await?;
+
+    // Assert
+    confirm.assert_problem(409, "hold_expired");
+    assert!(
+        back_at <= expires_at + EXPIRY_SLACK,
+        "units came back {} ms after the hold expired, its node gone",
+        (back_at - expires_at).num_milliseconds()
+    );
+    assert_eq!(
+        (counts.remaining, counts.held, counts.sold),
+        (2, 0, 0),
+        "{counts:?}"
+    );
+    assert_counts_everywhere(&cluster, event, (2, 0, 0)).await?;
+    let rows = cluster.db.reservations(event).await?;
+    assert_eq!((rows.len(), rows[0].status.as_str()), (1, "expired"), "{rows:?}");
+    cluster.node(1).reserve_ok(event, "ben", Some(2)).await?;
+    cluster
+        .node(2)
+        .reserve(event, "cy", Some(1), None)
+        .await?
+        .assert_problem(409, "sold_out");
+    assert_counts_everywhere(&cluster, event, (0, 2, 0)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirms_and_cancels_on_another_node_change_the_counts_of_every_node() -> anyhow::Result<()> {
+    // Arrange: two holds made on node A.
+    let cluster = Cluster::on_shared_redis(3, &[]).await?;
+    let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let tickets = a.ticket_event(3, 2, 600).await?;
+    let ana = reservation_id(&a.reserve_ok(tickets, "ana", Some(1)).await?)?;
+    let ben = reservation_id(&a.reserve_ok(tickets, "ben", Some(1)).await?)?;
+    let coupons = a.coupon_event(1, 1).await?;
+    let cy = reservation_id(&a.reserve_ok(coupons, "cy", None).await?)?;
+    assert_counts_everywhere(&cluster, tickets, (1, 2, 0)).await?;
+
+    // Act: node B confirms one hold and cancels the other, and revokes the coupon.
+    let confirmed = b.confirm(&ben, "ben").await?;
+    let after_confirm = c.counts(tickets).await?;
+    let cancelled = b.cancel(&ana, "ana").await?;
+    let after_cancel = c.counts(tickets).await?;
+    let revoked = b.cancel(&cy, "cy").await?;
+    let coupons_after = c.counts(coupons).await?;
+
+    // Assert
+    confirmed.assert_status(200);
+    assert_eq!(confirmed.body["status"], "confirmed", "{confirmed}");
+    assert_eq!(
+        (after_confirm.remaining, after_confirm.held, after_confirm.sold),
+        (1, 1, 1),
+        "node C after the confirm on node B"
+    );
+    cancelled.assert_status(200);
+    assert_eq!(cancelled.body["status"], "cancelled", "{cancelled}");
+    assert_eq!(
+        (after_cancel.remaining, after_cancel.held, after_cancel.sold),
+        (2, 0, 1),
+        "node C after the cancel on node B: the unit is back"
+    );
+    revoked.assert_status(200);
+    assert_eq!(revoked.body["status"], "revoked", "{revoked}");
+    assert_eq!(
+        (coupons_after.remaining, coupons_after.sold),
+        (1, 0),
+        "{coupons_after:?}"
+    );
+    let rows = cluster.db.reservations(tickets).await?;
+    let status_of = |id: &str| {
+        rows.iter()
+            .find(|r| r.id.to_string() == id)
+            .map(|r| r.status.clone())
+    };
+    assert_eq!(
+        (status_of(&ana).as_deref(), status_of(&ben).as_deref()),
+        (Some("cancelled"), Some("confirmed"))
+    );
+    // The units and the per-user counts came back for everyone: ana may hold two again, on C.
+    c.reserve_ok(tickets, "ana", Some(2)).await?;
+    c.reserve_ok(coupons, "dee", None).await?;
+    assert_counts_everywhere(&cluster, tickets, (0, 2, 1)).await?;
+    assert_counts_everywhere(&cluster, coupons, (0, 0, 1)).await
 }

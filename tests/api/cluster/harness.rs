@@ -151,6 +151,11 @@ impl Cluster {
         &self.client
     }
 
+    /// kill -9 of node `index`; its requests in flight get no answer.
+    pub fn kill(&mut self, index: usize) {
+        self.nodes[index].kill();
+    }
+
     /// The live counts of `event` as each running node shows them (each read checks
     /// conservation), with the node's index.
     pub async fn counts_everywhere(&self, event: i64) -> anyhow::Result<Vec<(usize, Counts)>> {
