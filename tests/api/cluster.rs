@@ -11,20 +11,36 @@
 mod harness;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use self::harness::Cluster;
+use self::harness::{Cluster, DbProxy, TestRedis};
 use crate::helpers::{
-    EXPIRY_SLACK, Outcome, Row, Stampede, active_units, assert_acknowledged_are_durable, check_exact,
-    exclusive_machine, quiet_machine, send, timestamp,
+    Counts, EXPIRY_SLACK, Outcome, Reply, Row, Stampede, TestApp, active_units,
+    assert_acknowledged_are_durable, check_exact, exclusive_machine, quiet_machine, send, timestamp,
 };
 
+/// How long after it was made an uncommitted allocation is reconciled, in the kill -9 test.
+const RECONCILE_AFTER_SECS: u64 = 3;
+/// What the kill -9 test allows on top of `RECONCILE_AFTER_SECS` for the counts to settle.
+const SETTLE_SLACK: Duration = Duration::from_secs(5);
+/// How long the victim keeps allocating with its commits unacknowledged before it is killed.
+const STALL_BEFORE_KILL: Duration = Duration::from_millis(300);
+/// The Redis timeout the nodes of the Redis-loss test run with.
+const REDIS_TIMEOUT_MS: u64 = 300;
+/// The slowest a claim may be answered while Redis is down (the timeout plus a busy machine).
+const OUTAGE_ANSWER_LIMIT: Duration = Duration::from_secs(3);
 /// The most claims of the 5,000-client burst that may have to be sent again unread (a fifth).
 const MOST_UNREAD: usize = 1_000;
+/// Clients beyond the missing units in each wave that keeps a drop going.
+const EXTRA_DEMAND: usize = 50;
+/// The pause between two such waves.
+const WAVE_PAUSE: Duration = Duration::from_millis(100);
 
 // ---------------------------------------------------------------------------------------------
 // Shared steps
@@ -53,6 +69,17 @@ async fn round_robin_stampede(
     Ok((event, outcome, rows))
 }
 
+/// Waits until `finished` stampede requests have ended (at most a minute).
+async fn until_finished(finished: &AtomicUsize, count: usize) -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while finished.load(Ordering::Relaxed) < count {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .with_context(|| format!("{count} claims were not answered within 60 s"))
+}
+
 /// Fails unless every running node shows `(remaining, held, sold)` for `event`.
 async fn assert_counts_everywhere(
     cluster: &Cluster,
@@ -67,6 +94,99 @@ async fn assert_counts_everywhere(
         );
     }
     Ok(())
+}
+
+/// Fails if a request of `outcome` went unanswered, or was answered anything but 201 or one of
+/// `allowed`, or a 503 came without `Retry-After`.
+#[track_caller]
+fn assert_only(outcome: &Outcome, allowed: &[&str], what: &str) {
+    let unexpected: Vec<_> = outcome
+        .refused
+        .iter()
+        .filter(|(answer, _)| !allowed.contains(&answer.as_str()))
+        .collect();
+    assert!(unexpected.is_empty(), "{what}: unexpected answers {unexpected:?}");
+    assert!(
+        outcome.unanswered.is_empty(),
+        "{what}: {} requests got no answer, first: {:?}",
+        outcome.unanswered.len(),
+        outcome.unanswered.first()
+    );
+    if let Some(refusal) = outcome.refusal_samples.get("503 unavailable") {
+        assert!(
+            refusal.header("retry-after").is_some(),
+            "{what}: 503 without Retry-After: {refusal}"
+        );
+    }
+}
+
+/// Keeps fresh users claiming one unit each, round-robin over the running nodes (each wave as
+/// many users as the database misses units, and `EXTRA_DEMAND` more), until the database holds
+/// the whole stock and every running node shows it sold — or fails at `deadline`. Fails at once
+/// if the database ever holds more than the stock. Every wave's outcome.
+async fn claim_until_settled(
+    cluster: &Cluster,
+    event: i64,
+    stock: i64,
+    deadline: Instant,
+) -> anyhow::Result<Vec<Outcome>> {
+    let mut waves = Vec::new();
+    loop {
+        let (_, units) = active_units(&cluster.db.reservations(event).await?);
+        anyhow::ensure!(
+            units <= stock,
+            "oversell: {units} units in the database for {stock}"
+        );
+        let mut shown = Vec::new();
+        for node in cluster.running() {
+            let reply = node.get_event(event).await?;
+            // why: a node may refuse reads while it rebuilds its ledger; that is not settled yet.
+            shown.push(match reply.status {
+                StatusCode::SERVICE_UNAVAILABLE => None,
+                _ => Some(Counts::parse(&reply)?),
+            });
+        }
+        let settled = shown.iter().all(|counts| {
+            counts
+                .as_ref()
+                .is_some_and(|c| (c.remaining, c.held, c.sold) == (0, 0, stock))
+        });
+        if units == stock && settled {
+            return Ok(waves);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "not settled in time: {units} of {stock} units in the database, the nodes show \
+                 {shown:?} (None: 503), after {} waves",
+                waves.len()
+            );
+        }
+        let missing = usize::try_from(stock - units)?;
+        let users = Stampede::users(&format!("wave{}", waves.len()), missing + EXTRA_DEMAND);
+        waves.push(stampede(cluster, event, users).run().await);
+        tokio::time::sleep(WAVE_PAUSE).await;
+    }
+}
+
+/// One claim by each of `count` fresh users, all at once, user `i` through the `i % n`-th
+/// running node: each answer and how long it took.
+async fn claims_everywhere(
+    cluster: &Cluster,
+    event: i64,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<(Reply, Duration)>> {
+    let nodes: Vec<&TestApp> = cluster.running().collect();
+    let claims = (0..count).map(|i| {
+        let node = nodes[i % nodes.len()];
+        let user = format!("{prefix}-{i}");
+        async move {
+            let began = Instant::now();
+            let reply = node.reserve(event, &user, None, None).await;
+            reply.map(|reply| (reply, began.elapsed()))
+        }
+    });
+    futures_util::future::join_all(claims).await.into_iter().collect()
 }
 
 fn reservation_id(reservation: &Value) -> anyhow::Result<String> {
@@ -401,4 +521,202 @@ async fn confirms_and_cancels_on_another_node_change_the_counts_of_every_node() 
     c.reserve_ok(coupons, "dee", None).await?;
     assert_counts_everywhere(&cluster, tickets, (0, 2, 1)).await?;
     assert_counts_everywhere(&cluster, coupons, (0, 0, 1)).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_drop_strands_nothing_and_the_others_sell_exactly_the_stock() -> anyhow::Result<()>
+{
+    let _alone = exclusive_machine().await;
+    // Arrange: two nodes reach the database directly; the victim goes through a proxy that can
+    // hold back the database's answers, so at the kill it has allocations in Redis that it never
+    // saw committed (some may have committed: those must be kept, the others released).
+    let stock: i64 = 1_000;
+    let reconcile = RECONCILE_AFTER_SECS.to_string();
+    let mut cluster = Cluster::on_shared_redis(2, &["--reconcile-after-secs", &reconcile]).await?;
+    let proxy = DbProxy::start(&cluster.db.url).await?;
+    let victim = cluster.add_node(Some(&proxy.url)).await?;
+    let event = cluster.node(0).coupon_event(u64::try_from(stock)?, 1).await?;
+    let crowd = Stampede::users("crowd", 2_400);
+    // The stampede sends user i to the i % 3-th node.
+    let victims_users: HashSet<&str> = crowd.iter().skip(victim).step_by(3).map(String::as_str).collect();
+    let burst = stampede(&cluster, event, crowd.clone());
+    let finished = burst.finished.clone();
+    let running = tokio::spawn(burst.run());
+
+    // Act: mid-drop the victim's commits stop being answered; it keeps allocating for the claims
+    // it receives, and is killed -9. The others keep selling until the database holds the stock.
+    until_finished(&finished, 300).await?;
+    proxy.stall();
+    tokio::time::sleep(STALL_BEFORE_KILL).await;
+    cluster.kill(victim);
+    let killed_at = Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(120), running).await??;
+    let right_after = cluster.counts_everywhere(event).await?;
+    let (_, units_right_after) = active_units(&cluster.db.reservations(event).await?);
+    let settle_limit = Duration::from_secs(RECONCILE_AFTER_SECS) + SETTLE_SLACK;
+    let waves = claim_until_settled(&cluster, event, stock, killed_at + settle_limit).await?;
+    let settled_in = killed_at.elapsed();
+    // Once every allocation of the victim is past its reconciliation, the stock stays sold.
+    let all_reconciled = killed_at + Duration::from_secs(RECONCILE_AFTER_SECS + 2);
+    tokio::time::sleep_until(all_reconciled.into()).await;
+    let late = stampede(&cluster, event, Stampede::users("late", 200))
+        .run()
+        .await;
+    proxy.resume();
+    cluster.restart(victim).await?;
+
+    // Assert
+    eprintln!(
+        "kill -9 of a node mid-drop: {} of its claims cut off; right after, the others showed \
+         {right_after:?} with {units_right_after} units in the database; the counts settled \
+         (sold == rows == {stock}) {settled_in:?} after the kill (reconcile after \
+         {RECONCILE_AFTER_SECS} s), in {} waves",
+        first.unanswered.len(),
+        waves.len()
+    );
+    assert!(
+        !first.unanswered.is_empty(),
+        "the kill should have cut off the victim's claims in flight: {:?}",
+        first.refused
+    );
+    let allowed = ["409 sold_out", "503 unavailable"];
+    assert!(
+        first
+            .refused
+            .keys()
+            .all(|answer| allowed.contains(&answer.as_str())),
+        "{:?}",
+        first.refused
+    );
+    for wave in &waves {
+        assert_only(wave, &allowed, "a wave on the surviving nodes");
+    }
+    if let Err(violations) = check_exact(&late, 0) {
+        panic!("after every reconciliation, a unit came back: {violations}");
+    }
+    let rows = cluster.db.reservations(event).await?;
+    assert_eq!(
+        active_units(&rows),
+        (1_000, 1_000),
+        "exactly the stock in PostgreSQL"
+    );
+    assert_eq!(rows.len(), 1_000, "no row other than the issued ones: {rows:?}");
+    let outcomes = std::iter::once(&first)
+        .chain(&waves)
+        .chain(std::iter::once(&late));
+    let mut acknowledged = HashSet::new();
+    for outcome in outcomes {
+        assert_acknowledged_are_durable(outcome, &rows);
+        acknowledged.extend(outcome.granted.iter().map(|g| g.id));
+    }
+    let mut owners = HashSet::new();
+    for row in &rows {
+        assert!(
+            owners.insert(row.user_id.as_str()),
+            "two rows for {}",
+            row.user_id
+        );
+        assert!(
+            acknowledged.contains(&row.id) || victims_users.contains(row.user_id.as_str()),
+            "a row nobody was told about, not the victim's: {row:?}"
+        );
+    }
+    assert_counts_everywhere(&cluster, event, (0, 0, stock)).await?;
+    assert!(
+        settled_in <= settle_limit,
+        "settled after {settled_in:?}, more than {settle_limit:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_redis_mid_drop_fails_closed_and_after_it_restarts_empty_the_drop_sells_exactly_the_stock()
+-> anyhow::Result<()> {
+    let _alone = exclusive_machine().await;
+    // Arrange: a Redis of the test's own, so it can be killed.
+    let stock: i64 = 2_000;
+    let mut redis = TestRedis::start().await?;
+    let timeout = REDIS_TIMEOUT_MS.to_string();
+    let cluster = Cluster::start(3, Some(&redis.url()), &["--redis-timeout-ms", &timeout]).await?;
+    let event = cluster.node(0).coupon_event(u64::try_from(stock)?, 1).await?;
+    let burst = stampede(&cluster, event, Stampede::users("crowd", 1_500));
+    let finished = burst.finished.clone();
+    let running = tokio::spawn(burst.run());
+
+    // Act: kill -9 of redis-server mid-drop; claims on every node while it is gone; then an
+    // empty redis-server on the same port, and claims until the stock is sold.
+    until_finished(&finished, 200).await?;
+    redis.kill();
+    let burst = tokio::time::timeout(Duration::from_secs(120), running).await??;
+    let during = claims_everywhere(&cluster, event, "during", 30).await?;
+    redis.restart().await?;
+    let restarted_at = Instant::now();
+    let waves = claim_until_settled(&cluster, event, stock, restarted_at + Duration::from_secs(60)).await?;
+    let recovered_in = restarted_at.elapsed();
+    let late = stampede(&cluster, event, Stampede::users("late", 300))
+        .run()
+        .await;
+
+    // Assert
+    let slowest = during.iter().map(|(_, took)| *took).max().unwrap_or_default();
+    eprintln!(
+        "Redis lost mid-drop: the burst got {} × 201 and {:?}; claims during the outage were \
+         answered within {slowest:?}; after the restart the drop sold out {recovered_in:?} later \
+         in {} waves",
+        burst.granted.len(),
+        burst.refused,
+        waves.len()
+    );
+    assert_only(
+        &burst,
+        &["409 sold_out", "503 unavailable"],
+        "the burst Redis died in",
+    );
+    for (reply, took) in &during {
+        reply.assert_problem(503, "unavailable");
+        assert!(reply.header("retry-after").is_some(), "no Retry-After: {reply}");
+        assert!(
+            *took <= OUTAGE_ANSWER_LIMIT,
+            "answered after {took:?} while Redis was down"
+        );
+    }
+    for wave in &waves {
+        assert_only(
+            wave,
+            &["409 sold_out", "503 unavailable"],
+            "a wave after the restart",
+        );
+    }
+    if let Err(violations) = check_exact(&late, 0) {
+        panic!("after the rebuild, more than the stock: {violations}");
+    }
+    let rows = cluster.db.reservations(event).await?;
+    assert_eq!(
+        active_units(&rows),
+        (2_000, 2_000),
+        "exactly the stock in PostgreSQL"
+    );
+    let mut acknowledged = HashSet::new();
+    for outcome in std::iter::once(&burst)
+        .chain(&waves)
+        .chain(std::iter::once(&late))
+    {
+        assert_acknowledged_are_durable(outcome, &rows);
+        acknowledged.extend(outcome.granted.iter().map(|g| g.id));
+    }
+    let in_db: HashSet<Uuid> = rows.iter().map(|r| r.id).collect();
+    assert_eq!(
+        in_db, acknowledged,
+        "no node died: every row in the database was acknowledged, every 201 is a row"
+    );
+    assert_counts_everywhere(&cluster, event, (0, 0, stock)).await?;
+    assert!(
+        !cluster.redis_keys().await?.is_empty(),
+        "the ledger was rebuilt in the new Redis"
+    );
+    Ok(())
 }

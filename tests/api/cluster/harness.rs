@@ -1,19 +1,29 @@
 //! The several-node harness. [`Cluster`] runs N `firstcome` processes on one fresh PostgreSQL
 //! database, gating through one Redis under a key prefix of the test's own (deleted again when
-//! the cluster drops).
+//! the cluster drops). [`TestRedis`] is a `redis-server` of the test's own that can be killed
+//! (-9) and started again, empty, on the same port. [`DbProxy`] sits between one node and
+//! PostgreSQL and can stop passing the database's answers on, so that node's allocations are
+//! made in Redis but never acknowledged as committed.
 
-use std::process::{Command, Stdio};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use reqwest::Client;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::helpers::{Backend, Counts, TestApp, TestDb};
+use crate::helpers::{Backend, Counts, TestApp, TestDb, log_tail};
 
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// How long a `redis-server` may take to answer PING after it was started.
+const REDIS_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keys deleted per `DEL` when a cluster cleans up.
 const DEL_CHUNK: usize = 500;
 /// Upper bound on one exchange of a stampede client.
@@ -156,6 +166,15 @@ impl Cluster {
         self.nodes[index].kill();
     }
 
+    /// kill -9 of node `index` (if it runs), then a new process in its slot, with the same flags
+    /// and database URL, on a new port.
+    pub async fn restart(&mut self, index: usize) -> anyhow::Result<()> {
+        self.nodes[index]
+            .restart()
+            .await
+            .with_context(|| format!("restarting node {index}"))
+    }
+
     /// The live counts of `event` as each running node shows them (each read checks
     /// conservation), with the node's index.
     pub async fn counts_everywhere(&self, event: i64) -> anyhow::Result<Vec<(usize, Counts)>> {
@@ -250,4 +269,200 @@ fn delete_keys(url: &str, prefix: &str) -> anyhow::Result<()> {
         redis_cli(url, &args)?;
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// A Redis of the test's own
+// ---------------------------------------------------------------------------------------------
+
+/// A `redis-server` child process on a free port, with no persistence: killed (-9) and started
+/// again, it comes back empty on the same port. Killed when dropped.
+pub struct TestRedis {
+    child: Option<Child>,
+    pub port: u16,
+    /// Its working directory and log.
+    dir: tempfile::TempDir,
+}
+
+impl TestRedis {
+    pub async fn start() -> anyhow::Result<TestRedis> {
+        // why: the kernel picks a free port; redis-server binds it again right after (a race
+        // with another process is possible but not likely on a test machine).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .context("picking a free port")?
+            .port();
+        let mut redis = TestRedis {
+            child: None,
+            port,
+            dir: tempfile::tempdir().context("creating a directory for redis-server")?,
+        };
+        redis.launch().await?;
+        Ok(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// kill -9: every connection drops, every key is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// kill -9 (if it runs), then a new, empty `redis-server` on the same port.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.launch().await
+    }
+
+    async fn launch(&mut self) -> anyhow::Result<()> {
+        let log_path = self.log_path();
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        writeln!(log, "--- starting redis-server on port {} ---", self.port)?;
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("sharing the redis log")?)
+            .stderr(log)
+            .spawn()
+            .context("starting redis-server")?;
+        self.child = Some(child);
+        let url = self.url();
+        let deadline = Instant::now() + REDIS_STARTUP_TIMEOUT;
+        loop {
+            if redis_cli_async(&url, &["PING"])
+                .await
+                .is_ok_and(|reply| reply.trim() == "PONG")
+            {
+                return Ok(());
+            }
+            let exited = match self.child.as_mut() {
+                Some(child) => child.try_wait().context("waiting for redis-server")?,
+                None => None,
+            };
+            if let Some(status) = exited {
+                bail!(
+                    "redis-server exited with {status}; its log ends with:\n{}",
+                    log_tail(&log_path, 20)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server did not answer PING within {REDIS_STARTUP_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A proxy that stalls the database's answers
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP proxy in front of the database server of `database_url`. While stalled it still passes
+/// everything the node sends (a COMMIT may reach the database) but holds back every answer, so
+/// the node never learns what committed. When the node's side of a connection closes (kill -9),
+/// the proxy closes the database side, which rolls back whatever was left open. Stops when
+/// dropped.
+pub struct DbProxy {
+    /// `database_url` with the proxy's port.
+    pub url: String,
+    stalled: watch::Sender<bool>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl DbProxy {
+    pub async fn start(database_url: &str) -> anyhow::Result<DbProxy> {
+        let mut url = url::Url::parse(database_url).with_context(|| format!("parsing {database_url}"))?;
+        let target = format!(
+            "{}:{}",
+            url.host_str().context("no host in the database URL")?,
+            url.port().unwrap_or(5432)
+        );
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the proxy")?;
+        let port = listener.local_addr()?.port();
+        url.set_port(Some(port))
+            .map_err(|()| anyhow::anyhow!("cannot set a port on {database_url}"))?;
+        let (stalled, watching) = watch::channel(false);
+        let accepting = tokio::spawn(async move {
+            // why: dropping the set (when the proxy's task is aborted) aborts every connection.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((node, _)) = listener.accept().await {
+                connections.spawn(relay(node, target.clone(), watching.clone()));
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Ok(DbProxy {
+            url: url.to_string(),
+            stalled,
+            accepting,
+        })
+    }
+
+    /// From now on, hold back every answer of the database.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Pass the database's answers on again.
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
+    }
+}
+
+impl Drop for DbProxy {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+/// One proxied connection: ends (closing both sides) as soon as either side is done.
+async fn relay(node: TcpStream, target: String, mut stalled: watch::Receiver<bool>) {
+    let Ok(database) = TcpStream::connect(&target).await else {
+        return;
+    };
+    let (mut from_node, mut to_node) = node.into_split();
+    let (mut from_database, mut to_database) = database.into_split();
+    let requests = tokio::io::copy(&mut from_node, &mut to_database);
+    let answers = async {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            let read = from_database.read(&mut buffer).await?;
+            if read == 0 {
+                return std::io::Result::Ok(());
+            }
+            stalled
+                .wait_for(|stalled| !*stalled)
+                .await
+                .map_err(std::io::Error::other)?;
+            to_node.write_all(&buffer[..read]).await?;
+        }
+    };
+    tokio::select! {
+        _ = requests => {}
+        _ = answers => {}
+    }
 }
