@@ -24,6 +24,7 @@ use crate::helpers::{
     Counts, EXPIRY_SLACK, Outcome, Reply, Row, Stampede, TestApp, active_units,
     assert_acknowledged_are_durable, check_exact, exclusive_machine, quiet_machine, send, timestamp,
 };
+use crate::live::{Ws, listen, next_message};
 
 /// How long after it was made an uncommitted allocation is reconciled, in the kill -9 test.
 const RECONCILE_AFTER_SECS: u64 = 3;
@@ -35,6 +36,8 @@ const STALL_BEFORE_KILL: Duration = Duration::from_millis(300);
 const REDIS_TIMEOUT_MS: u64 = 300;
 /// The slowest a claim may be answered while Redis is down (the timeout plus a busy machine).
 const OUTAGE_ANSWER_LIMIT: Duration = Duration::from_secs(3);
+/// How long a WebSocket client on one node may wait to hear of a sale on another.
+const CROSS_NODE_PUSH: Duration = Duration::from_secs(1);
 /// The most claims of the 5,000-client burst that may have to be sent again unread (a fifth).
 const MOST_UNREAD: usize = 1_000;
 /// Clients beyond the missing units in each wave that keeps a drop going.
@@ -187,6 +190,23 @@ async fn claims_everywhere(
         }
     });
     futures_util::future::join_all(claims).await.into_iter().collect()
+}
+
+/// Reads messages until one of type `kind`, skipping `availability` updates; fails if none
+/// arrives before `deadline`.
+async fn first_of_type(ws: &mut Ws, kind: &str, deadline: Instant) -> anyhow::Result<Value> {
+    loop {
+        let message = tokio::time::timeout_at(deadline.into(), next_message(ws))
+            .await
+            .with_context(|| format!("no {kind} message in time"))??;
+        if message["type"] == kind {
+            return Ok(message);
+        }
+        anyhow::ensure!(
+            message["type"] == "availability",
+            "expected {kind} or availability, got {message}"
+        );
+    }
 }
 
 fn reservation_id(reservation: &Value) -> anyhow::Result<String> {
@@ -717,6 +737,71 @@ async fn losing_redis_mid_drop_fails_closed_and_after_it_restarts_empty_the_drop
     assert!(
         !cluster.redis_keys().await?.is_empty(),
         "the ledger was rebuilt in the new Redis"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Notifications across nodes
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_on_one_node_hears_sold_out_within_a_second_of_the_last_sale_on_another()
+-> anyhow::Result<()> {
+    let _quiet = quiet_machine().await;
+    // Arrange: a listener on node B; one of the two units sold on node C.
+    let cluster = Cluster::on_shared_redis(3, &[]).await?;
+    let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let event = a.coupon_event(2, 1).await?;
+    let (mut ws, snapshot) = listen(b, event).await?;
+    c.reserve_ok(event, "ana", None).await?;
+
+    // Act: the last unit sold on node A.
+    a.reserve_ok(event, "ben", None).await?;
+    let sold_at = Instant::now();
+    let pushed = first_of_type(&mut ws, "sold_out", sold_at + CROSS_NODE_PUSH).await;
+    let took = sold_at.elapsed();
+
+    // Assert
+    let pushed = pushed.with_context(|| format!("node B, {took:?} after node A sold the last unit"))?;
+    eprintln!("sold_out reached a node B listener {took:?} after node A's 201");
+    assert_eq!(
+        (snapshot["remaining"].as_u64(), snapshot["status"].as_str()),
+        (Some(2), Some("open")),
+        "{snapshot}"
+    );
+    assert_eq!(
+        (pushed["remaining"].as_u64(), pushed["sold"].as_u64()),
+        (Some(0), Some(2)),
+        "{pushed}"
+    );
+    assert_eq!(pushed["event_id"].as_i64(), Some(event), "{pushed}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_one_node_pushes_restocked_to_a_websocket_client_on_another() -> anyhow::Result<()> {
+    let _quiet = quiet_machine().await;
+    // Arrange: the only unit sold on node A, a listener on node B.
+    let cluster = Cluster::on_shared_redis(3, &[]).await?;
+    let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
+    let event = a.coupon_event(1, 1).await?;
+    let id = reservation_id(&a.reserve_ok(event, "ana", None).await?)?;
+    let (mut ws, snapshot) = listen(b, event).await?;
+
+    // Act: the coupon revoked on node C.
+    c.cancel(&id, "ana").await?.assert_status(200);
+    let cancelled_at = Instant::now();
+    let pushed = first_of_type(&mut ws, "restocked", cancelled_at + CROSS_NODE_PUSH).await;
+    let took = cancelled_at.elapsed();
+
+    // Assert
+    let pushed = pushed.with_context(|| format!("node B, {took:?} after node C's cancel"))?;
+    assert_eq!(snapshot["status"], "sold_out", "{snapshot}");
+    assert_eq!(
+        (pushed["remaining"].as_u64(), pushed["status"].as_str()),
+        (Some(1), Some("open")),
+        "{pushed}"
     );
     Ok(())
 }
