@@ -19,9 +19,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use self::harness::{Cluster, DbProxy, TestRedis};
+use self::harness::{Cluster, DbProxy, TestRedis, refused_start, shared_redis_url};
 use crate::helpers::{
-    Counts, EXPIRY_SLACK, Outcome, Reply, Row, Stampede, TestApp, active_units,
+    Backend, Counts, EXPIRY_SLACK, Outcome, Reply, Row, Stampede, TestApp, TestDb, active_units,
     assert_acknowledged_are_durable, check_exact, exclusive_machine, quiet_machine, send, timestamp,
 };
 use crate::live::{Ws, listen, next_message};
@@ -803,5 +803,76 @@ async fn a_cancel_on_one_node_pushes_restocked_to_a_websocket_client_on_another(
         (Some(1), Some("open")),
         "{pushed}"
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The startup guard
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_with_a_database_other_than_postgresql_is_refused_at_startup() -> anyhow::Result<()> {
+    // Arrange
+    let redis_url = shared_redis_url();
+    let flag = ["--redis-url", redis_url.as_str()];
+    let env = [("REDIS_URL", redis_url.as_str())];
+    struct Case<'a> {
+        what: &'a str,
+        backend: Backend,
+        args: &'a [&'a str],
+        env: &'a [(&'a str, &'a str)],
+    }
+    let cases = [
+        Case {
+            what: "SQLite, --redis-url",
+            backend: Backend::Sqlite,
+            args: &flag,
+            env: &[],
+        },
+        Case {
+            what: "SQLite, REDIS_URL",
+            backend: Backend::Sqlite,
+            args: &[],
+            env: &env,
+        },
+        Case {
+            what: "MySQL, --redis-url",
+            backend: Backend::MySql,
+            args: &flag,
+            env: &[],
+        },
+        Case {
+            what: "MySQL, REDIS_URL",
+            backend: Backend::MySql,
+            args: &[],
+            env: &env,
+        },
+    ];
+
+    // Act and Assert
+    let mut failures = Vec::new();
+    for Case {
+        what,
+        backend,
+        args,
+        env,
+    } in cases
+    {
+        let db = TestDb::create(backend).await?;
+        let (status, printed) = match refused_start(&db.url, args, env, db.dir()).await {
+            Ok(refused) => refused,
+            Err(error) => {
+                failures.push(format!("{what}: {error:#}"));
+                continue;
+            }
+        };
+        if status.success() || !printed.contains("PostgreSQL") || !printed.contains("REDIS_URL") {
+            failures.push(format!(
+                "{what}: exited with {status}, expected a failure naming PostgreSQL and \
+                 REDIS_URL; it printed:\n{printed}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }

@@ -6,24 +6,26 @@
 //! made in Redis but never acknowledged as committed.
 
 use std::io::Write as _;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use reqwest::Client;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::helpers::{Backend, Counts, TestApp, TestDb, log_tail};
+use crate::helpers::{ADMIN_TOKEN, Backend, Counts, TestApp, TestDb, developer_settings, log_tail};
 
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// How long a `redis-server` may take to answer PING after it was started.
 const REDIS_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a server that should refuse to start may take to exit.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keys deleted per `DEL` when a cluster cleans up.
 const DEL_CHUNK: usize = 500;
 /// Upper bound on one exchange of a stampede client.
@@ -465,4 +467,67 @@ async fn relay(node: TcpStream, target: String, mut stalled: watch::Receiver<boo
         _ = requests => {}
         _ = answers => {}
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A server that must refuse to start
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `firstcome serve` on `database_url` with `args` and `env`, expecting it to exit by
+/// itself; its exit status and everything it printed (stdout, then stderr). An error if it
+/// started listening instead, or did not exit in time.
+pub async fn refused_start(
+    database_url: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    dir: &Path,
+) -> anyhow::Result<(ExitStatus, String)> {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_firstcome"));
+    command
+        .args(["serve", "--bind", "127.0.0.1:0", "--database-url", database_url])
+        .args(args)
+        .current_dir(dir)
+        .env("FIRSTCOME_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for name in developer_settings() {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().copied());
+    let mut child = command.spawn().context("starting the firstcome binary")?;
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let mut stderr = child.stderr.take().context("no stderr pipe")?;
+    // why: both pipes are drained at once, so neither can fill up and block the process.
+    let errors = tokio::spawn(async move {
+        let mut errors = String::new();
+        stderr.read_to_string(&mut errors).await.map(|_| errors)
+    });
+    let mut lines = BufReader::new(stdout).lines();
+    let mut printed = String::new();
+    let listening = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await? {
+            if line.starts_with("firstcome listening on") {
+                return std::io::Result::Ok(Some(line));
+            }
+            printed.push_str(&line);
+            printed.push('\n');
+        }
+        Ok(None)
+    })
+    .await
+    .context("the server neither exited nor listened in time")??;
+    if listening.is_some() {
+        child.kill().await.context("stopping the server")?;
+    }
+    let status = tokio::time::timeout(REFUSAL_TIMEOUT, child.wait())
+        .await
+        .context("the server closed its output but did not exit")??;
+    printed.push_str(&errors.await.context("reading stderr")??);
+    if let Some(listening) = listening {
+        bail!("the server started ({listening:?}) instead of refusing; it printed:\n{printed}");
+    }
+    Ok((status, printed))
 }
