@@ -319,6 +319,29 @@ pub fn developer_settings() -> impl Iterator<Item = String> {
     })
 }
 
+/// `firstcome serve --database-url <database_url> <args>` with only the given settings (`env` on
+/// top of the admin token), its output piped; killed when dropped. For tests that watch a
+/// process start or refuse to; [`TestApp`] runs the servers the other tests talk to.
+pub fn serve_command(database_url: &str, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_firstcome"));
+    command
+        .args(["serve", "--database-url", database_url])
+        .args(args)
+        .env("FIRSTCOME_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "info")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for name in developer_settings() {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().copied());
+    command
+}
+
 /// A running `firstcome serve`; killed (SIGKILL) and reaped when dropped.
 struct Server {
     child: Child,

@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::helpers::{ADMIN_TOKEN, Backend, Counts, TestApp, TestDb, developer_settings, log_tail};
+use crate::helpers::{Backend, Counts, TestApp, TestDb, log_tail, serve_command};
 
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// How long a `redis-server` may take to answer PING after it was started.
@@ -482,21 +482,13 @@ pub async fn refused_start(
     env: &[(&str, &str)],
     dir: &Path,
 ) -> anyhow::Result<(ExitStatus, String)> {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_firstcome"));
-    command
-        .args(["serve", "--bind", "127.0.0.1:0", "--database-url", database_url])
-        .args(args)
-        .current_dir(dir)
-        .env("FIRSTCOME_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for name in developer_settings() {
-        command.env_remove(name);
-    }
-    command.envs(env.iter().copied());
+    let args: Vec<&str> = ["--bind", "127.0.0.1:0"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    let mut command = serve_command(database_url, &args, env);
+    // why: should it start after all, a default path it writes lands in the test's directory.
+    command.current_dir(dir);
     let mut child = command.spawn().context("starting the firstcome binary")?;
     let stdout = child.stdout.take().context("no stdout pipe")?;
     let mut stderr = child.stderr.take().context("no stderr pipe")?;
