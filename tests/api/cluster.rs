@@ -22,7 +22,8 @@ use uuid::Uuid;
 use self::harness::{Cluster, DbProxy, TestRedis, refused_start, shared_redis_url};
 use crate::helpers::{
     Backend, Counts, EXPIRY_SLACK, Outcome, Reply, Row, Stampede, TestApp, TestDb, active_units,
-    assert_acknowledged_are_durable, check_exact, exclusive_machine, quiet_machine, send, timestamp,
+    assert_acknowledged_are_durable, check_exact, exclusive_machine, keyed_successes, quiet_machine, send,
+    timestamp,
 };
 use crate::live::{Ws, listen, next_message};
 
@@ -374,19 +375,7 @@ async fn concurrent_requests_with_one_key_across_three_nodes_create_one_reservat
     let replies = futures_util::future::join_all(requests).await;
 
     // Assert
-    let mut ids = HashSet::new();
-    let mut fresh = 0;
-    for reply in replies {
-        let reply = reply?;
-        if reply.status == StatusCode::CREATED {
-            ids.insert(reply.id().unwrap_or_default().to_owned());
-            if reply.header("idempotent-replayed").is_none() {
-                fresh += 1;
-            }
-        } else {
-            reply.assert_problem(409, "idempotency_in_flight");
-        }
-    }
+    let (ids, fresh) = keyed_successes(replies)?;
     assert_eq!(ids.len(), 1, "every success carries the same id: {ids:?}");
     assert_eq!(fresh, 1, "one answer is the original, the others replays");
     let rows = cluster.db.reservations(event).await?;
@@ -399,24 +388,25 @@ async fn concurrent_requests_with_one_key_across_three_nodes_create_one_reservat
 // Holds, confirms and cancels
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hold_made_on_one_node_expires_once_for_every_node_and_a_confirm_on_another_is_refused()
--> anyhow::Result<()> {
-    let _quiet = quiet_machine().await;
-    // Arrange
-    let cluster = Cluster::on_shared_redis(3, &[]).await?;
-    let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
-    let event = a.ticket_event(2, 2, 1).await?;
-    let hold = a.reserve_ok(event, "ana", Some(2)).await?;
-    let id = reservation_id(&hold)?;
+/// Node `watcher` watches ana's hold `hold` of both units of `event` come back, then node
+/// `confirmer` is asked to confirm it. Fails unless the confirm is refused `hold_expired` and the
+/// units came back on time (never early, at most `EXPIRY_SLACK` late) and exactly once: every
+/// running node shows them free, the row and a read say expired, and they sell once more but not
+/// a third time.
+async fn assert_hold_expires_once(
+    cluster: &Cluster,
+    event: i64,
+    hold: &Value,
+    watcher: usize,
+    confirmer: usize,
+) -> anyhow::Result<()> {
+    let id = reservation_id(hold)?;
     let expires_at = timestamp(&hold["expires_at"])?;
-    assert_counts_everywhere(&cluster, event, (0, 2, 0)).await?;
+    let (watcher, confirmer) = (cluster.node(watcher), cluster.node(confirmer));
 
-    // Act: node C watches the units come back; then node B is asked to confirm.
-    let (counts, back_at) = c.watch_release(event, 2, expires_at).await?;
-    let confirm = b.confirm(&id, "ana").await?;
+    let (counts, back_at) = watcher.watch_release(event, 2, expires_at).await?;
+    let confirm = confirmer.confirm(&id, "ana").await?;
 
-    // Assert
     confirm.assert_problem(409, "hold_expired");
     assert!(
         back_at <= expires_at + EXPIRY_SLACK,
@@ -428,60 +418,52 @@ async fn a_hold_made_on_one_node_expires_once_for_every_node_and_a_confirm_on_an
         (2, 0, 0),
         "{counts:?}"
     );
-    assert_counts_everywhere(&cluster, event, (2, 0, 0)).await?;
+    assert_counts_everywhere(cluster, event, (2, 0, 0)).await?;
     let rows = cluster.db.reservations(event).await?;
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!(rows[0].status, "expired", "the database row");
-    let read = b.get_reservation(&id, "ana").await?;
+    assert_eq!(
+        (rows.len(), rows.first().map(|r| r.status.as_str())),
+        (1, Some("expired")),
+        "the database rows: {rows:?}"
+    );
+    let read = confirmer.get_reservation(&id, "ana").await?;
     assert_eq!(read.body["status"], "expired", "{read}");
-
     // Released exactly once: the two units sell once more, and not a third time.
-    c.reserve_ok(event, "ben", Some(2)).await?;
-    b.reserve(event, "cy", Some(1), None)
+    watcher.reserve_ok(event, "ben", Some(2)).await?;
+    confirmer
+        .reserve(event, "cy", Some(1), None)
         .await?
         .assert_problem(409, "sold_out");
     assert_eq!(active_units(&cluster.db.reservations(event).await?), (1, 2));
-    assert_counts_everywhere(&cluster, event, (0, 2, 0)).await
+    assert_counts_everywhere(cluster, event, (0, 2, 0)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_made_on_one_node_expires_once_for_every_node_and_a_confirm_on_another_is_refused()
+-> anyhow::Result<()> {
+    let _quiet = quiet_machine().await;
+    // Arrange: node A holds both units for a second.
+    let cluster = Cluster::on_shared_redis(3, &[]).await?;
+    let event = cluster.node(0).ticket_event(2, 2, 1).await?;
+    let hold = cluster.node(0).reserve_ok(event, "ana", Some(2)).await?;
+    assert_counts_everywhere(&cluster, event, (0, 2, 0)).await?;
+
+    // Act and Assert: node C watches the units come back, node B is asked to confirm.
+    assert_hold_expires_once(&cluster, event, &hold, 2, 1).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_whose_node_was_killed_still_expires_once_on_the_other_nodes() -> anyhow::Result<()> {
     let _quiet = quiet_machine().await;
-    // Arrange: every node has read the event (so each runs its actor); node A holds it all.
+    // Arrange: every node has read the event (so each runs its actor); node A holds both units
+    // for two seconds and is killed (-9).
     let mut cluster = Cluster::on_shared_redis(3, &[]).await?;
     let event = cluster.node(0).ticket_event(2, 2, 2).await?;
     assert_counts_everywhere(&cluster, event, (2, 0, 0)).await?;
     let hold = cluster.node(0).reserve_ok(event, "ana", Some(2)).await?;
-    let id = reservation_id(&hold)?;
-    let expires_at = timestamp(&hold["expires_at"])?;
-
-    // Act
     cluster.kill(0);
-    let (counts, back_at) = cluster.node(2).watch_release(event, 2, expires_at).await?;
-    let confirm = cluster.node(1).confirm(&id, "ana").await?;
 
-    // Assert
-    confirm.assert_problem(409, "hold_expired");
-    assert!(
-        back_at <= expires_at + EXPIRY_SLACK,
-        "units came back {} ms after the hold expired, its node gone",
-        (back_at - expires_at).num_milliseconds()
-    );
-    assert_eq!(
-        (counts.remaining, counts.held, counts.sold),
-        (2, 0, 0),
-        "{counts:?}"
-    );
-    assert_counts_everywhere(&cluster, event, (2, 0, 0)).await?;
-    let rows = cluster.db.reservations(event).await?;
-    assert_eq!((rows.len(), rows[0].status.as_str()), (1, "expired"), "{rows:?}");
-    cluster.node(1).reserve_ok(event, "ben", Some(2)).await?;
-    cluster
-        .node(2)
-        .reserve(event, "cy", Some(1), None)
-        .await?
-        .assert_problem(409, "sold_out");
-    assert_counts_everywhere(&cluster, event, (0, 2, 0)).await
+    // Act and Assert: node C watches the units come back, node B is asked to confirm.
+    assert_hold_expires_once(&cluster, event, &hold, 2, 1).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -807,6 +807,26 @@ impl std::fmt::Display for Reply {
     }
 }
 
+/// The answers to concurrent requests that share one `Idempotency-Key`: the reservation ids the
+/// 201s carry, and how many 201s were originals rather than replays. Panics on any answer but a
+/// 201 or `409 idempotency_in_flight`.
+pub fn keyed_successes(replies: Vec<anyhow::Result<Reply>>) -> anyhow::Result<(HashSet<String>, usize)> {
+    let mut ids = HashSet::new();
+    let mut fresh = 0;
+    for reply in replies {
+        let reply = reply?;
+        if reply.status == StatusCode::CREATED {
+            ids.insert(reply.id().unwrap_or_default().to_owned());
+            if reply.header("idempotent-replayed").is_none() {
+                fresh += 1;
+            }
+        } else {
+            reply.assert_problem(409, "idempotency_in_flight");
+        }
+    }
+    Ok((ids, fresh))
+}
+
 /// Sends each `(description, request, status, code)` and lists those not refused with that status
 /// and problem code, one line each.
 pub async fn mismatches(
