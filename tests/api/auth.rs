@@ -13,7 +13,7 @@ use reqwest::{Method, RequestBuilder};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{ADMIN_TOKEN, Backend, Reply, TestApp, send};
+use crate::helpers::{ADMIN_TOKEN, Backend, Reply, TestApp, send, serve_command};
 
 const SECRET: &str = "test-only-hs256-secret-0123456789abcdef";
 const ISSUER: &str = "https://id.example.test/";
@@ -855,27 +855,8 @@ fn assert_invalid_token(what: &str, reply: &Reply) {
 
 /// `firstcome serve` on a fresh SQLite file in `dir`, with only the given settings.
 fn serve(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_firstcome"));
-    command
-        .arg("serve")
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", dir.join("firstcome.db").display()))
-        .args(args)
-        .env("FIRSTCOME_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("RUST_LOG", "info")
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("FIRSTCOME_") && name != "FIRSTCOME_ADMIN_TOKEN" || name == "DATABASE_URL" {
-            command.env_remove(name);
-        }
-    }
-    command.envs(env.iter().copied());
-    command
+    let database_url = format!("sqlite://{}", dir.join("firstcome.db").display());
+    serve_command(&database_url, args, env)
 }
 
 /// Starts a server that binds 0.0.0.0 and checks that it answers `/healthz` on loopback.

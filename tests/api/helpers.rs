@@ -309,6 +309,39 @@ async fn run_on_server(backend: Backend, server: &str, sql: &str) -> anyhow::Res
 // The server process
 // ---------------------------------------------------------------------------------------------
 
+/// The server settings in the developer's environment, which must not leak into a test server
+/// (an exported `REDIS_URL` would put every single-node test into several-node mode).
+pub fn developer_settings() -> impl Iterator<Item = String> {
+    std::env::vars().map(|(name, _)| name).filter(|name| {
+        name.starts_with("FIRSTCOME_") && name != "FIRSTCOME_ADMIN_TOKEN"
+            || name == "DATABASE_URL"
+            || name == "REDIS_URL"
+    })
+}
+
+/// `firstcome serve --database-url <database_url> <args>` with only the given settings (`env` on
+/// top of the admin token), its output piped; killed when dropped. For tests that watch a
+/// process start or refuse to; [`TestApp`] runs the servers the other tests talk to.
+pub fn serve_command(database_url: &str, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_firstcome"));
+    command
+        .args(["serve", "--database-url", database_url])
+        .args(args)
+        .env("FIRSTCOME_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "info")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for name in developer_settings() {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().copied());
+    command
+}
+
 /// A running `firstcome serve`; killed (SIGKILL) and reaped when dropped.
 struct Server {
     child: Child,
@@ -331,11 +364,8 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
-        // why: settings from the developer's environment must not leak into the test servers.
-        for (name, _) in std::env::vars() {
-            if name.starts_with("FIRSTCOME_") && name != "FIRSTCOME_ADMIN_TOKEN" || name == "DATABASE_URL" {
-                command.env_remove(name);
-            }
+        for name in developer_settings() {
+            command.env_remove(name);
         }
         // why: every test talks from 127.0.0.1, and the stampedes send up to 1,500 requests at
         // once; rate limits are off unless a test opts in with `--rate-limit true` (flags win
@@ -406,7 +436,7 @@ impl Drop for Server {
 }
 
 /// The last `lines` lines of a log file, for failure messages.
-fn log_tail(path: &Path, lines: usize) -> String {
+pub fn log_tail(path: &Path, lines: usize) -> String {
     let Ok(file) = File::open(path) else {
         return format!("(no log at {})", path.display());
     };
@@ -418,11 +448,13 @@ fn log_tail(path: &Path, lines: usize) -> String {
 // The application under test
 // ---------------------------------------------------------------------------------------------
 
-/// A server on its own database, and a client for it. Fields drop in order: the server is
-/// killed before its database is dropped.
+/// A server on its own database (or on one several cluster nodes share), and a client for
+/// it. Fields drop in order: the server is killed before its database is dropped.
 pub struct TestApp {
     server: Option<Server>,
-    pub db: TestDb,
+    pub db: Arc<TestDb>,
+    /// How the server reaches `db`.
+    database_url: String,
     pub client: Client,
     /// `http://127.0.0.1:<port>` of the current server process (it changes on restart).
     pub address: String,
@@ -438,8 +470,21 @@ impl TestApp {
 
     /// Like [`TestApp::spawn`], with extra `serve` flags (kept across restarts).
     pub async fn spawn_with(backend: Backend, args: &[&str]) -> anyhow::Result<TestApp> {
-        let db = TestDb::create(backend).await?;
+        let db = Arc::new(TestDb::create(backend).await?);
         let log = db.dir().join("server.log");
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let database_url = db.url.clone();
+        TestApp::spawn_on(db, database_url, args, log).await
+    }
+
+    /// A server on an existing database (shared with other servers) that it reaches at
+    /// `database_url` (`db.url`, or the same database through a proxy), logging to `log`.
+    pub async fn spawn_on(
+        db: Arc<TestDb>,
+        database_url: String,
+        args: Vec<String>,
+        log: PathBuf,
+    ) -> anyhow::Result<TestApp> {
         let client = Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(20))
@@ -448,9 +493,10 @@ impl TestApp {
         let mut app = TestApp {
             server: None,
             db,
+            database_url,
             client,
             address: String::new(),
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            args,
             log,
         };
         app.start().await?;
@@ -459,10 +505,15 @@ impl TestApp {
 
     /// Starts a server process on this app's database (after [`TestApp::kill`]).
     pub async fn start(&mut self) -> anyhow::Result<()> {
-        let server = Server::start(&self.db.url, &self.args, &self.log).await?;
+        let server = Server::start(&self.database_url, &self.args, &self.log).await?;
         self.address = format!("http://127.0.0.1:{}", server.port);
         self.server = Some(server);
         Ok(())
+    }
+
+    /// Whether a server process was started and not killed or terminated since.
+    pub fn is_running(&self) -> bool {
+        self.server.is_some()
     }
 
     /// kill -9 of the server process; requests in flight get no answer.
@@ -551,26 +602,7 @@ impl TestApp {
         if reply.status != StatusCode::OK {
             bail!("GET event {event_id} answered {reply}");
         }
-        let number = |member: &str| {
-            reply.body[member]
-                .as_i64()
-                .with_context(|| format!("no {member} in {reply}"))
-        };
-        let counts = Counts {
-            stock: number("stock")?,
-            remaining: number("remaining")?,
-            held: number("held")?,
-            sold: number("sold")?,
-            status: reply.body["status"].as_str().unwrap_or_default().to_owned(),
-        };
-        if counts.remaining + counts.held + counts.sold != counts.stock
-            || counts.remaining < 0
-            || counts.held < 0
-            || counts.sold < 0
-        {
-            bail!("conservation broken: {counts:?}");
-        }
-        Ok(counts)
+        Counts::parse(&reply)
     }
 
     pub async fn patch_event(&self, event_id: i64, patch: Value) -> anyhow::Result<Reply> {
@@ -685,6 +717,32 @@ pub struct Counts {
     pub status: String,
 }
 
+impl Counts {
+    /// The counts in an event's body; fails unless they add up to the stock, none negative.
+    pub fn parse(reply: &Reply) -> anyhow::Result<Counts> {
+        let number = |member: &str| {
+            reply.body[member]
+                .as_i64()
+                .with_context(|| format!("no {member} in {reply}"))
+        };
+        let counts = Counts {
+            stock: number("stock")?,
+            remaining: number("remaining")?,
+            held: number("held")?,
+            sold: number("sold")?,
+            status: reply.body["status"].as_str().unwrap_or_default().to_owned(),
+        };
+        if counts.remaining + counts.held + counts.sold != counts.stock
+            || counts.remaining < 0
+            || counts.held < 0
+            || counts.sold < 0
+        {
+            bail!("conservation broken: {counts:?}");
+        }
+        Ok(counts)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Replies
 // ---------------------------------------------------------------------------------------------
@@ -747,6 +805,26 @@ impl std::fmt::Display for Reply {
         let content_type = self.header("content-type").unwrap_or("-");
         write!(f, "{} [{content_type}] {}", self.status, self.text)
     }
+}
+
+/// The answers to concurrent requests that share one `Idempotency-Key`: the reservation ids the
+/// 201s carry, and how many 201s were originals rather than replays. Panics on any answer but a
+/// 201 or `409 idempotency_in_flight`.
+pub fn keyed_successes(replies: Vec<anyhow::Result<Reply>>) -> anyhow::Result<(HashSet<String>, usize)> {
+    let mut ids = HashSet::new();
+    let mut fresh = 0;
+    for reply in replies {
+        let reply = reply?;
+        if reply.status == StatusCode::CREATED {
+            ids.insert(reply.id().unwrap_or_default().to_owned());
+            if reply.header("idempotent-replayed").is_none() {
+                fresh += 1;
+            }
+        } else {
+            reply.assert_problem(409, "idempotency_in_flight");
+        }
+    }
+    Ok((ids, fresh))
 }
 
 /// Sends each `(description, request, status, code)` and lists those not refused with that status
@@ -824,6 +902,9 @@ pub struct Outcome {
     pub slowest: Duration,
     /// The first reply of each kind of refusal, for assertions on its headers and body.
     pub refusal_samples: BTreeMap<String, Reply>,
+    /// Clients that sent their claim again because the server never read it (only with
+    /// [`Stampede::retrying_unread`]).
+    pub retried: usize,
 }
 
 impl Outcome {
@@ -835,21 +916,61 @@ impl Outcome {
 /// Many users claiming one unit each of one event, all released at the same instant.
 pub struct Stampede {
     client: Client,
-    url: String,
+    /// The reservation URL on each server; user `i` claims through `urls[i % urls.len()]`.
+    urls: Vec<String>,
     users: Vec<String>,
     /// Incremented as each request ends (answered or not), so a test can act mid-stampede.
     pub finished: Arc<AtomicUsize>,
+    /// Whether a request the server provably never read is sent again (see [`Stampede::retrying_unread`]).
+    retry_unread: bool,
+}
+
+/// How often one client of a [`Stampede::retrying_unread`] stampede sends its claim again.
+const UNREAD_RETRIES: usize = 3;
+
+/// Whether the server answered without having read the request: a `408 Request Timeout` (actix
+/// sends it when no request head arrived within its client request timeout), or an answer that
+/// came before the request was even sent (hyper's "unexpected message").
+fn never_read(reply: &anyhow::Result<Reply>) -> bool {
+    match reply {
+        Ok(reply) => reply.status == StatusCode::REQUEST_TIMEOUT,
+        Err(error) => format!("{error:#}").contains("received unexpected message from connection"),
+    }
 }
 
 impl Stampede {
     /// `users` each send one `POST {address}/v1/events/{event_id}/reservations` with no body.
     pub fn new(client: &Client, address: &str, event_id: i64, users: Vec<String>) -> Stampede {
+        Stampede::round_robin(client, &[address], event_id, users)
+    }
+
+    /// Like [`Stampede::new`] over several servers: user `i` claims through `addresses[i % n]`.
+    pub fn round_robin<A: AsRef<str>>(
+        client: &Client,
+        addresses: &[A],
+        event_id: i64,
+        users: Vec<String>,
+    ) -> Stampede {
+        let urls = addresses
+            .iter()
+            .map(|address| format!("{}/v1/events/{event_id}/reservations", address.as_ref()))
+            .collect();
         Stampede {
             client: client.clone(),
-            url: format!("{address}/v1/events/{event_id}/reservations"),
+            urls,
             users,
             finished: Arc::default(),
+            retry_unread: false,
         }
+    }
+
+    /// A client whose claim the server never read (see [`never_read`]) sends it again, up to
+    /// `UNREAD_RETRIES` times; [`Outcome::retried`] counts those. For bursts larger than debug
+    /// builds on this machine read within actix's 5 s client request timeout: such a claim had
+    /// no effect, so sending it again changes nothing the stampede checks.
+    pub fn retrying_unread(mut self) -> Stampede {
+        self.retry_unread = true;
+        self
     }
 
     /// `count` distinct user names starting with `prefix`.
@@ -865,20 +986,27 @@ impl Stampede {
         let tasks: Vec<_> = self
             .users
             .into_iter()
-            .map(|user| {
-                let (client, url, start, finished) = (
+            .enumerate()
+            .map(|(i, user)| {
+                let (client, url, start, finished, retry_unread) = (
                     self.client.clone(),
-                    self.url.clone(),
+                    self.urls[i % self.urls.len()].clone(),
                     start.clone(),
                     self.finished.clone(),
+                    self.retry_unread,
                 );
                 tokio::spawn(async move {
                     let request = client.post(&url).header("x-user-id", &user);
                     start.wait().await;
                     let began = Instant::now();
-                    let reply = send(request).await;
+                    let mut reply = send(request).await;
+                    let mut retries = 0;
+                    while retry_unread && retries < UNREAD_RETRIES && never_read(&reply) {
+                        retries += 1;
+                        reply = send(client.post(&url).header("x-user-id", &user)).await;
+                    }
                     finished.fetch_add(1, Ordering::Relaxed);
-                    (user, reply, began.elapsed())
+                    (user, reply, began.elapsed(), retries)
                 })
             })
             .collect();
@@ -887,7 +1015,7 @@ impl Stampede {
             ..Outcome::default()
         };
         for task in tasks {
-            let (user, reply, took) = match task.await {
+            let (user, reply, took, retries) = match task.await {
                 Ok(done) => done,
                 Err(error) => {
                     outcome.unanswered.push(format!("task failed: {error}"));
@@ -895,6 +1023,7 @@ impl Stampede {
                 }
             };
             outcome.slowest = outcome.slowest.max(took);
+            outcome.retried += usize::from(retries > 0);
             match reply {
                 Ok(reply) if reply.status == StatusCode::CREATED => {
                     match reply.id().and_then(|id| Uuid::parse_str(id).ok()) {

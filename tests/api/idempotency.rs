@@ -2,12 +2,10 @@
 //! with a different request is refused; concurrent requests with one key create one
 //! reservation. The key is scoped to (event, user).
 
-use std::collections::HashSet;
-
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{Backend, TestApp, active_units, send};
+use crate::helpers::{Backend, TestApp, active_units, keyed_successes, send};
 
 on_every_backend!(
     retrying_with_the_same_key_replays_the_first_reservation,
@@ -78,19 +76,7 @@ async fn concurrent_requests_with_one_key_create_one_reservation(backend: Backen
     let replies = futures_util::future::join_all(requests).await;
 
     // Assert
-    let mut ids = HashSet::new();
-    let mut fresh = 0;
-    for reply in replies {
-        let reply = reply?;
-        if reply.status.as_u16() == 201 {
-            ids.insert(reply.id().unwrap_or_default().to_owned());
-            if reply.header("idempotent-replayed").is_none() {
-                fresh += 1;
-            }
-        } else {
-            reply.assert_problem(409, "idempotency_in_flight");
-        }
-    }
+    let (ids, fresh) = keyed_successes(replies)?;
     assert_eq!(ids.len(), 1, "every success carries the same id: {ids:?}");
     assert_eq!(fresh, 1, "one answer is the original, the others replays");
     let rows = app.db.reservations(event).await?;

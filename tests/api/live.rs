@@ -17,7 +17,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::helpers::{Backend, TestApp};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Longest any expected message may take to arrive.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,7 +40,7 @@ async fn open(app: &TestApp, event: i64, origin: Option<&str>) -> Result<Ws, WsE
 }
 
 /// Connects and reads the snapshot the server sends first.
-async fn listen(app: &TestApp, event: i64) -> anyhow::Result<(Ws, Value)> {
+pub(crate) async fn listen(app: &TestApp, event: i64) -> anyhow::Result<(Ws, Value)> {
     let mut ws = open(app, event, None).await.context("opening the live socket")?;
     let snapshot = next_message(&mut ws).await?;
     assert_eq!(snapshot["type"], "snapshot", "the first message: {snapshot}");
@@ -48,7 +48,7 @@ async fn listen(app: &TestApp, event: i64) -> anyhow::Result<(Ws, Value)> {
 }
 
 /// The next text message as JSON (pings and pongs skipped); an error on close or timeout.
-async fn next_message(ws: &mut Ws) -> anyhow::Result<Value> {
+pub(crate) async fn next_message(ws: &mut Ws) -> anyhow::Result<Value> {
     loop {
         let message = tokio::time::timeout(MESSAGE_TIMEOUT, ws.next())
             .await

@@ -21,12 +21,18 @@
 //! - `live`: the WebSocket notifications: snapshot, sold-out/restock/close pushes, coalescing,
 //!   Origin, size and heartbeat limits.
 //! - `negative_control`: the stampede check catches a check-then-decrement oversell.
+//! - `cluster`: several nodes on one PostgreSQL database and one Redis: exactness, per-user
+//!   limits, idempotency, holds and cancels across nodes; kill -9 of a node and loss of Redis
+//!   mid-drop; cross-node WebSocket pushes; the same stampede without Redis oversells (negative
+//!   control); Redis with SQLite or MySQL is refused. Needs `redis-server` and `redis-cli`, and
+//!   a Redis on 127.0.0.1:6379 (`FIRSTCOME_TEST_REDIS_URL`).
 
 #[macro_use]
 mod helpers;
 
 mod auth;
 mod bad_input;
+mod cluster;
 mod events_admin;
 mod holds;
 mod idempotency;
