@@ -101,7 +101,11 @@ pub struct ClusterEventActor {
     publish_timer: Option<SpawnHandle>,
     /// The counts other nodes last heard from this one.
     published: Option<Counts>,
+    /// Event reads waiting for a usable ledger.
+    snapshot_waiters: Vec<(std::time::Instant, SnapshotReply)>,
 }
+
+type SnapshotReply = tokio::sync::oneshot::Sender<Result<EventSnapshot, Refusal>>;
 
 impl ClusterEventActor {
     pub fn new(
@@ -136,6 +140,7 @@ impl ClusterEventActor {
             live_timer: None,
             publish_timer: None,
             published: None,
+            snapshot_waiters: Vec::new(),
         }
     }
 
@@ -178,8 +183,16 @@ impl ClusterEventActor {
         ctx.spawn(work.into_actor(self).map(|found, act, ctx| {
             act.recovering = false;
             match found {
-                None => act.phase = Phase::Gone,
+                None => {
+                    act.phase = Phase::Gone;
+                    for (_, waiter) in act.snapshot_waiters.drain(..) {
+                        let _ = waiter.send(Err(Refusal::EventGone));
+                    }
+                }
                 Some((event, generation, counts)) => {
+                    for (_, waiter) in act.snapshot_waiters.drain(..) {
+                        let _ = waiter.send(Ok(snapshot(&event, counts)));
+                    }
                     tracing::debug!(event = %act.id, generation, "ledger ready");
                     act.phase = Phase::Ready {
                         event: Box::new(event),
@@ -196,8 +209,16 @@ impl ClusterEventActor {
 
     /// Answers 503 to requests that have waited too long for a usable ledger.
     fn answer_overdue(&mut self) {
-        if self.ready().is_some() || self.gathering.is_empty() {
+        if self.ready().is_some() {
             return;
+        }
+        let waiters = std::mem::take(&mut self.snapshot_waiters);
+        for (since, waiter) in waiters {
+            if since.elapsed() >= WAIT_FOR_LEDGER {
+                let _ = waiter.send(Err(Refusal::Unavailable));
+            } else {
+                self.snapshot_waiters.push((since, waiter));
+            }
         }
         let refusal = self.refusal_when_not_ready();
         let (overdue, waiting): (Vec<Request>, Vec<Request>) = std::mem::take(&mut self.gathering)
@@ -616,8 +637,27 @@ impl ClusterEventActor {
         reply: Reply,
         ctx: &mut Context<Self>,
     ) {
+        self.change_waiting(id, user, confirm, reply, std::time::Instant::now(), ctx);
+    }
+
+    /// A change that arrives while the ledger is being reached waits for it, like a reservation.
+    fn change_waiting(
+        &mut self,
+        id: ReservationId,
+        user: crate::domain::UserId,
+        confirm: bool,
+        reply: Reply,
+        since: std::time::Instant,
+        ctx: &mut Context<Self>,
+    ) {
         let Some((event, generation)) = self.ready() else {
-            let _ = reply.send(Err(self.refusal_when_not_ready()));
+            if matches!(self.phase, Phase::Waiting) && since.elapsed() < WAIT_FOR_LEDGER {
+                ctx.run_later(RETRY / 5, move |act, ctx| {
+                    act.change_waiting(id, user, confirm, reply, since, ctx)
+                });
+            } else {
+                let _ = reply.send(Err(self.refusal_when_not_ready()));
+            }
             return;
         };
         let kind = event.kind;
@@ -810,17 +850,10 @@ impl Handler<Snapshot> for ClusterEventActor {
             if matches!(self.phase, Phase::Gone) {
                 return Box::pin(fut::ready(Err(Refusal::EventGone)));
             }
-            // Starting or rebuilding: answer from the record and whatever ledger exists.
-            let db = self.db.clone();
-            let read = async move {
-                let event = store::find_event(&db, id).await.ok().flatten();
-                let counts = cluster.counts(id).await.ok().flatten();
-                match (event, counts) {
-                    (Some(event), Some(counts)) => Ok(snapshot(&event, counts)),
-                    _ => Err(Refusal::Unavailable),
-                }
-            };
-            return Box::pin(read.into_actor(self));
+            // Starting or rebuilding: answered once the ledger is usable (see `answer_overdue`).
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.snapshot_waiters.push((std::time::Instant::now(), tx));
+            return Box::pin(async move { rx.await.unwrap_or(Err(Refusal::Unavailable)) }.into_actor(self));
         };
         let event = event.clone();
         Box::pin(

@@ -146,14 +146,14 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
             .await
             .context("running database migrations");
     }
-    let pool = db.get_postgres_connection_pool();
-    let mut lock = pool
-        .acquire()
+    // Its own connection, not one of the pool's: a pool of one would leave none for migrating.
+    let options = db.get_postgres_connection_pool().connect_options();
+    let mut lock = sqlx::ConnectOptions::connect(&*options)
         .await
-        .context("taking a connection for the migration lock")?;
+        .context("connecting for the migration lock")?;
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(MIGRATION_LOCK)
-        .execute(&mut *lock)
+        .execute(&mut lock)
         .await
         .context("taking the migration lock")?;
     let migrated = Migrator::up(db, None)
@@ -161,7 +161,7 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
         .context("running database migrations");
     let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(MIGRATION_LOCK)
-        .execute(&mut *lock)
+        .execute(&mut lock)
         .await
         .context("releasing the migration lock");
     migrated.and(unlocked.map(|_| ()))
