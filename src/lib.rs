@@ -14,6 +14,11 @@
 //!           │            │             └─> store ─> SQLite / PostgreSQL / MySQL
 //!           │            └─publish─> actors::live (one broadcast channel per event)
 //! WebSocket ─> http::live ────────────────┘ (snapshot, availability, sold_out, restocked, closed)
+//!
+//! Several nodes (REDIS_URL, PostgreSQL): cluster::ClusterEventActor takes the same messages;
+//!   one gate call per batch ─> Redis ledger (Lua: stock, per-user, idempotency, holds)
+//!   granted ─WriteOp::InsertFenced─> Persister (lands only under the current ledger generation)
+//!   counts ─pub/sub─> the other nodes' actors ─> their WebSocket listeners
 //! ```
 //!
 //! # Layout
@@ -24,6 +29,8 @@
 //! - [`http`]: actix-web routes; each only parses, sends a message and renders. Also the
 //!   edge: `auth` (JWT or trusted header), `rate_limit` (governor), `observe` (request ids,
 //!   `/metrics`), `docs` (`/openapi.json`, `/docs/`), `live` (the WebSocket route).
+//! - [`cluster`]: several nodes: the Redis ledger (Lua scripts, rebuild, reconciliation), its
+//!   event actor, and the pub/sub bridge between nodes.
 //! - [`store`]: sea-orm queries and the batch writer, in domain terms.
 //! - [`error`]: the table of error codes and the problem+json body.
 //! - [`metrics`]: the Prometheus series and their names.

@@ -312,7 +312,9 @@ impl Cluster {
                     .get(1)
                     .and_then(|v| v.as_deref())
                     .and_then(|v| v.parse::<f64>().ok());
-                let ids = reply[2..]
+                let ids = reply
+                    .get(2..)
+                    .unwrap_or(&[])
                     .iter()
                     .flatten()
                     .map(|id| parse_id(id))
