@@ -355,6 +355,9 @@ impl Settings {
                 settings.log_format
             );
         }
+        if settings.rate_limit.global && settings.redis_url.is_none() {
+            bail!("rate_limit.global (per-user quotas across nodes) needs REDIS_URL");
+        }
         if settings.redis_url.is_some() && !settings.database_url.starts_with("postgres") {
             bail!(
                 "REDIS_URL (several nodes) needs a PostgreSQL database as the shared record; \
@@ -407,6 +410,31 @@ mod tests {
         assert!(settings.allow_trusted_header_on_public_bind, "from the flag");
         assert_eq!(settings.jwt_admin_claim, "roles", "default");
         Ok(())
+    }
+
+    #[test]
+    fn several_node_settings_refuse_what_cannot_work() {
+        let global_alone = Overrides {
+            rate_limit: RateLimitOverrides {
+                global: Some(true),
+                ..RateLimitOverrides::default()
+            },
+            ..Overrides::default()
+        };
+        let error = Settings::load(&global_alone).err().map(|e| format!("{e:#}"));
+        assert!(
+            error.is_some_and(|e| e.contains("REDIS_URL")),
+            "a global limit needs Redis"
+        );
+        let redis_on_sqlite = Overrides {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            ..Overrides::default()
+        };
+        let error = Settings::load(&redis_on_sqlite).err().map(|e| format!("{e:#}"));
+        assert!(
+            error.is_some_and(|e| e.contains("PostgreSQL")),
+            "several nodes need PostgreSQL"
+        );
     }
 
     #[test]

@@ -97,7 +97,13 @@ impl Application {
         }
 
         let rate_limits = settings.rate_limit.enabled.then(|| {
-            let limits = Arc::new(RateLimits::new(&settings.rate_limit));
+            let mut limits = RateLimits::new(&settings.rate_limit);
+            if settings.rate_limit.global
+                && let Some(cluster) = &cluster
+            {
+                limits = limits.with_global(&settings.rate_limit, cluster.clone());
+            }
+            let limits = Arc::new(limits);
             limits.spawn_pruning(Duration::from_secs(settings.rate_limit.prune_interval_secs));
             limits
         });

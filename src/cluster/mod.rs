@@ -63,6 +63,7 @@ struct Scripts {
     pending: Script,
     set_event: Script,
     unlock: Script,
+    rate: Script,
 }
 
 /// The global counts of one event, as the ledger last reported them.
@@ -188,6 +189,7 @@ impl Cluster {
                 claim_due: ledger_script!("lua/claim_due.lua"),
                 pending: ledger_script!("lua/pending.lua"),
                 set_event: ledger_script!("lua/set_event.lua"),
+                rate: Script::new(include_str!("lua/rate.lua")),
                 unlock: Script::new(
                     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
                 ),
@@ -514,6 +516,25 @@ impl Cluster {
         let mut redis = self.redis.clone();
         let _: i64 = self.timed(redis.publish(self.live_channel(), message)).await?;
         Ok(())
+    }
+
+    /// Counts one request of `user` against the global quota `policy` (ms per unit, burst);
+    /// `Some(wait)` when it must wait.
+    pub async fn rate_check(
+        &self,
+        policy: &str,
+        user: &str,
+        emission_ms: f64,
+        burst: u32,
+    ) -> anyhow::Result<Option<Duration>> {
+        let mut invocation = self.scripts.rate.prepare_invoke();
+        invocation
+            .key(format!("{}:rl:{policy}:{{{user}}}", self.prefix))
+            .arg(emission_ms)
+            .arg(burst);
+        let mut redis = self.redis.clone();
+        let wait: u64 = self.timed(invocation.invoke_async(&mut redis)).await?;
+        Ok((wait > 0).then(|| Duration::from_millis(wait)))
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {

@@ -881,3 +881,50 @@ async fn redis_with_a_database_other_than_postgresql_is_refused_at_startup() -> 
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
+
+/// Sends `count` reservations for `user` through the nodes in turn, one after another, and
+/// returns how many were refused with 429.
+async fn rate_limited_of(cluster: &Cluster, event: i64, user: &str, count: usize) -> anyhow::Result<usize> {
+    let path = format!("/v1/events/{event}/reservations");
+    let mut limited = 0;
+    for _ in 0..count {
+        let reply = send(cluster.next()?.as_user(Method::POST, &path, user)).await?;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            reply.assert_problem(429, "rate_limited");
+            assert!(reply.header("retry-after").is_some(), "429 without Retry-After");
+            limited += 1;
+        }
+    }
+    Ok(limited)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_per_user_rate_limit_holds_across_nodes_where_the_per_node_one_multiplies()
+-> anyhow::Result<()> {
+    let _alone = quiet_machine().await;
+    // Arrange: 3 writes per user per minute (burst 3), one user spreading 9 writes over 3 nodes.
+    let quota = [
+        "--rate-limit",
+        "true",
+        "--rate-limit-writes-per-user",
+        "3/min burst 3",
+    ];
+    let global: Vec<&str> = quota
+        .iter()
+        .copied()
+        .chain(["--rate-limit-global", "true"])
+        .collect();
+    let per_node = Cluster::on_shared_redis(3, &quota).await?;
+    let shared = Cluster::on_shared_redis(3, &global).await?;
+    let per_node_event = per_node.node(0).coupon_event(100, 100).await?;
+    let shared_event = shared.node(0).coupon_event(100, 100).await?;
+
+    // Act
+    let per_node_limited = rate_limited_of(&per_node, per_node_event, "spreader", 9).await?;
+    let shared_limited = rate_limited_of(&shared, shared_event, "spreader", 9).await?;
+
+    // Assert
+    assert_eq!(per_node_limited, 0, "per node, 3 nodes allow 3 × the quota");
+    assert_eq!(shared_limited, 6, "across nodes, the quota of 3 holds once");
+    Ok(())
+}

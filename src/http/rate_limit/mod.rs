@@ -7,7 +7,8 @@
 //! the probes are never limited. Idle keys are pruned on an interval ([`RateLimits::prune`]).
 //!
 //! Limits are per node: N nodes behind a balancer that does not pin clients allow up to N times
-//! the quota.
+//! the quota. With several nodes, `rate_limit.global` also checks each per-user quota in Redis
+//! (a GCRA shared by all nodes, one call per request), so it holds across nodes.
 
 mod client_ip;
 mod settings;
@@ -15,6 +16,7 @@ mod settings;
 use std::future::{Ready, ready};
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -25,7 +27,7 @@ use actix_web::http::Method;
 use actix_web::http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use actix_web::{HttpResponse, ResponseError};
 use futures_util::TryFutureExt;
-use futures_util::future::{Either, MapOk};
+use futures_util::future::{Either, LocalBoxFuture, MapOk};
 use governor::clock::Clock;
 use governor::{Quota, RateLimiter};
 
@@ -167,6 +169,51 @@ pub struct RateLimits {
     user_hasher: Hasher,
     /// Requests answered 429, for the admin stats.
     refused: AtomicU64,
+    /// Several nodes: per-user quotas also checked across nodes in Redis.
+    global: Option<Global>,
+}
+
+struct Global {
+    cluster: Arc<crate::cluster::Cluster>,
+    /// Per class: milliseconds per unit and burst of its per-user quota.
+    quotas: [Option<(f64, u32)>; 3],
+}
+
+/// A per-user check left to Redis once the local ones passed.
+pub struct GlobalCheck {
+    cluster: Arc<crate::cluster::Cluster>,
+    user: UserId,
+    emission_ms: f64,
+    burst: u32,
+    name: String,
+    policy: HeaderValue,
+}
+
+impl GlobalCheck {
+    /// `Err` when the quota is spent across the nodes. A Redis that does not answer lets the
+    /// request through: the local limiters still hold, and a rate limit must not take the
+    /// service down with Redis.
+    async fn run(self) -> Result<(), Limited> {
+        match self
+            .cluster
+            .rate_check(&self.name, self.user.as_str(), self.emission_ms, self.burst)
+            .await
+        {
+            Ok(None) => Ok(()),
+            Ok(Some(wait)) => Err(Limited {
+                name: self.name,
+                policy: self.policy,
+                wait,
+            }),
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "global rate limit unavailable; the local one applies"
+                );
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A refusal: which policy and how long to wait.
@@ -229,7 +276,25 @@ impl RateLimits {
             proxies: TrustedProxies::new(&settings.trusted_proxies),
             user_hasher: Hasher::default(),
             refused: AtomicU64::new(0),
+            global: None,
         }
+    }
+
+    /// Several nodes: per-user quotas also hold across nodes, checked in `cluster`.
+    pub fn with_global(
+        mut self,
+        settings: &RateLimitSettings,
+        cluster: Arc<crate::cluster::Cluster>,
+    ) -> Self {
+        self.global = Some(Global {
+            cluster,
+            quotas: [
+                settings.writes_per_user.emission(),
+                settings.reads_per_user.emission(),
+                settings.live_per_user.emission(),
+            ],
+        });
+        self
     }
 
     fn limits(&self, class: Class) -> &ClassLimits {
@@ -237,10 +302,10 @@ impl RateLimits {
     }
 
     /// Counts `req` against its quotas: per IP first (so one address cannot mint unlimited
-    /// per-user keys), then per user.
-    pub fn check(&self, req: &ServiceRequest) -> Result<(), Limited> {
+    /// per-user keys), then per user. With global limits, what is left to check in Redis.
+    pub fn check(&self, req: &ServiceRequest) -> Result<Option<GlobalCheck>, Limited> {
         let Some(class) = Class::of(req.method(), req.path()) else {
-            return Ok(());
+            return Ok(None);
         };
         let limits = self.limits(class);
         if let Some(scoped) = &limits.ip
@@ -256,8 +321,27 @@ impl RateLimits {
         {
             let key = self.user_hasher.hash_one(user.as_str());
             scoped.check(&key).map_err(|wait| limited(scoped, wait))?;
+            if let Some(global) = &self.global
+                && let Some((emission_ms, burst)) = global.quotas[class as usize]
+            {
+                return Ok(Some(GlobalCheck {
+                    cluster: global.cluster.clone(),
+                    user,
+                    emission_ms,
+                    burst,
+                    name: scoped.name.clone(),
+                    policy: scoped.policy.clone(),
+                }));
+            }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Answers `req` with 429 and counts it.
+    fn refuse<B>(&self, req: ServiceRequest, limited: &Limited) -> ServiceResponse<EitherBody<B>> {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::RATE_LIMITED_TOTAL).increment(1);
+        req.into_response(limited.response()).map_into_right_body()
     }
 
     /// Requests refused so far.
@@ -324,7 +408,7 @@ impl RateLimit {
 
 impl<S, B> Transform<S, ServiceRequest> for RateLimit
 where
-    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
     S::Future: 'static,
     B: 'static,
 {
@@ -336,14 +420,14 @@ where
 
     fn new_transform(&self, service: S) -> Self::Future {
         ready(Ok(RateLimitMiddleware {
-            service,
+            service: Rc::new(service),
             limits: self.limits.clone(),
         }))
     }
 }
 
 pub struct RateLimitMiddleware<S> {
-    service: S,
+    service: Rc<S>,
     limits: Option<Arc<RateLimits>>,
 }
 
@@ -351,28 +435,39 @@ type Passed<B> = fn(ServiceResponse<B>) -> ServiceResponse<EitherBody<B>>;
 
 impl<S, B> Service<ServiceRequest> for RateLimitMiddleware<S>
 where
-    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
     S::Future: 'static,
     B: 'static,
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = actix_web::Error;
     // why: no boxed future on the hot path; a passed request only maps the inner response.
-    type Future = Either<Ready<Result<Self::Response, Self::Error>>, MapOk<S::Future, Passed<B>>>;
+    // Only a global (Redis) check, which must wait, boxes.
+    type Future = Either<
+        Ready<Result<Self::Response, Self::Error>>,
+        Either<MapOk<S::Future, Passed<B>>, LocalBoxFuture<'static, Result<Self::Response, Self::Error>>>,
+    >;
 
     forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        if let Some(limits) = &self.limits
-            && let Err(limited) = limits.check(&req)
-        {
-            limits.refused.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(crate::metrics::RATE_LIMITED_TOTAL).increment(1);
-            let response = req.into_response(limited.response()).map_into_right_body();
-            return Either::Left(ready(Ok(response)));
-        }
         let passed: Passed<B> = ServiceResponse::map_into_left_body;
-        Either::Right(self.service.call(req).map_ok(passed))
+        let Some(limits) = &self.limits else {
+            return Either::Right(Either::Left(self.service.call(req).map_ok(passed)));
+        };
+        match limits.check(&req) {
+            Err(limited) => Either::Left(ready(Ok(limits.refuse(req, &limited)))),
+            Ok(None) => Either::Right(Either::Left(self.service.call(req).map_ok(passed))),
+            Ok(Some(global)) => {
+                let (service, limits) = (self.service.clone(), limits.clone());
+                Either::Right(Either::Right(Box::pin(async move {
+                    match global.run().await {
+                        Err(limited) => Ok(limits.refuse(req, &limited)),
+                        Ok(()) => service.call(req).await.map(passed),
+                    }
+                })))
+            }
+        }
     }
 }
 

@@ -50,6 +50,17 @@ impl Per {
 }
 
 impl Limit {
+    /// For a GCRA kept elsewhere (Redis): milliseconds per unit, and the burst.
+    pub fn emission(self) -> Option<(f64, u32)> {
+        match self {
+            Limit::Off => None,
+            Limit::Quota { count, per, burst } => Some((
+                per.duration().as_secs_f64() * 1000.0 / f64::from(count.get()),
+                burst.get(),
+            )),
+        }
+    }
+
     /// `count` per `per` with a burst of `count`.
     pub const fn quota(count: NonZeroU32, per: Per, burst: NonZeroU32) -> Limit {
         Limit::Quota { count, per, burst }
@@ -169,6 +180,9 @@ pub struct RateLimitSettings {
     pub trusted_proxies: Vec<TrustedNet>,
     /// How often idle keys are dropped from the limiters' state.
     pub prune_interval_secs: u64,
+    /// Several nodes: per-user quotas also hold across all nodes together, checked in Redis
+    /// (one call per limited request).
+    pub global: bool,
     pub writes_per_user: Limit,
     pub writes_per_ip: Limit,
     pub reads_per_user: Limit,
@@ -185,6 +199,7 @@ impl Default for RateLimitSettings {
             enabled: true,
             trusted_proxies: Vec::new(),
             prune_interval_secs: 60,
+            global: false,
             writes_per_user: Limit::quota(nz(5), Per::Second, nz(10)),
             writes_per_ip: Limit::quota(nz(100), Per::Second, nz(200)),
             reads_per_user: Limit::quota(nz(20), Per::Second, nz(40)),
@@ -219,6 +234,15 @@ pub struct RateLimitOverrides {
     )]
     #[serde(rename = "prune_interval_secs", skip_serializing_if = "Option::is_none")]
     pub prune_interval_secs: Option<u64>,
+    /// Several nodes: per-user quotas hold across all nodes together, checked in Redis with one
+    /// call per request (`true`/`false`; needs REDIS_URL) [default: false, per node].
+    #[arg(
+        long = "rate-limit-global",
+        env = "FIRSTCOME_RATE_LIMIT_GLOBAL",
+        value_name = "BOOL"
+    )]
+    #[serde(rename = "global", skip_serializing_if = "Option::is_none")]
+    pub global: Option<bool>,
     /// Reservation writes (reserve, confirm, cancel) per user, e.g. `5/s burst 10` or `off` [default: 5/s burst 10].
     #[arg(
         long = "rate-limit-writes-per-user",
