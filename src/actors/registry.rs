@@ -79,7 +79,9 @@ pub struct QueueDepths {
 }
 
 pub struct Registry {
-    actors: papaya::HashMap<EventId, EventHandle>,
+    /// why `Arc`: a handle holds six `Recipient`s, each a boxed sender that allocates when
+    /// cloned; every request takes a handle, so it takes a reference count instead.
+    actors: papaya::HashMap<EventId, Arc<EventHandle>>,
     /// Serializes actor creation so two first requests never start two actors for one event.
     creating: tokio::sync::Mutex<()>,
     arbiters: std::sync::RwLock<Vec<ArbiterHandle>>,
@@ -140,7 +142,7 @@ impl Registry {
     }
 
     /// The actor of event `id`, started if needed; `None` if no such event exists.
-    pub async fn actor(&self, id: EventId) -> anyhow::Result<Option<EventHandle>> {
+    pub async fn actor(&self, id: EventId) -> anyhow::Result<Option<Arc<EventHandle>>> {
         if let Some(addr) = self.actors.pin().get(&id) {
             return Ok(Some(addr.clone()));
         }
@@ -192,6 +194,7 @@ impl Registry {
                 EventHandle::of(addr, Some(remote), admission, live)
             }
         };
+        let handle = Arc::new(handle);
         self.actors.pin().insert(id, handle.clone());
         Ok(Some(handle))
     }

@@ -488,14 +488,8 @@ impl ClusterEventActor {
     fn take_counts<T>(&mut self, answer: Answer<T>, ctx: &mut Context<Self>) {
         match answer {
             Answer::Ok(counts, _) => {
-                // Calls that only report an expiry carry zero counts; keep what is known.
-                if counts.stock > 0 || counts.held > 0 || counts.sold > 0 {
-                    self.counts = Counts {
-                        next_due_ms: counts.next_due_ms.or(self.counts.next_due_ms),
-                        ..counts
-                    };
-                    self.counts_changed(ctx);
-                }
+                self.counts = counts;
+                self.counts_changed(ctx);
             }
             refused => self.ledger_refused(&refused, ctx),
         }
@@ -583,10 +577,14 @@ impl ClusterEventActor {
         let (cluster, id) = (self.cluster.clone(), self.id);
         let work = async move {
             let claimed = cluster.claim_due(id, generation).await?;
-            let (next_due, ids) = match claimed {
-                Answer::Ok(counts, ids) => (counts.next_due_ms, ids),
+            let (counts, ids) = match claimed {
+                Answer::Ok(counts, ids) => (counts, ids),
                 other => return Ok::<_, anyhow::Error>((other.map_refusal(), None)),
             };
+            let next_due = counts.next_due_ms;
+            if ids.is_empty() {
+                return Ok((Answer::Ok(counts, 0), next_due));
+            }
             let settled = cluster.settle(id, generation, &ids).await?;
             Ok((settled, next_due))
         };

@@ -308,28 +308,9 @@ impl Cluster {
             RECONCILE_BATCH.to_string(),
         ];
         let reply = self.script(&self.scripts.claim_due, event, args).await?;
-        match reply.first().and_then(|v| v.as_deref()) {
-            Some("OK") => {
-                let next_due_ms = reply
-                    .get(1)
-                    .and_then(|v| v.as_deref())
-                    .and_then(|v| v.parse::<f64>().ok());
-                let ids = reply
-                    .get(2..)
-                    .unwrap_or(&[])
-                    .iter()
-                    .flatten()
-                    .map(|id| parse_id(id))
-                    .collect::<anyhow::Result<_>>()?;
-                // The counts did not change; only the next expiry did.
-                let counts = Counts {
-                    next_due_ms: next_due_ms.map(|v| v as i64),
-                    ..Counts::default()
-                };
-                Ok(Answer::Ok(counts, ids))
-            }
-            _ => answer(reply, |_| Ok(Vec::new())),
-        }
+        answer(reply, |rest| {
+            rest.iter().flatten().map(|id| parse_id(id)).collect()
+        })
     }
 
     /// Pending entries older than `reconcile_after`, with their ledger entries.
@@ -366,7 +347,11 @@ impl Cluster {
         ids: &[ReservationId],
     ) -> anyhow::Result<Answer<usize>> {
         if ids.is_empty() {
-            return Ok(Answer::Ok(Counts::default(), 0));
+            return Ok(match self.report(event, generation, &[]).await? {
+                Answer::Ok(counts, ()) => Answer::Ok(counts, 0),
+                Answer::NoLedger => Answer::NoLedger,
+                Answer::Generation(g) => Answer::Generation(g),
+            });
         }
         let keys = self.keys(event);
         let mut redis = self.redis.clone();
@@ -438,13 +423,11 @@ impl Cluster {
     /// One reconciliation pass: settles pending entries older than `reconcile_after`.
     pub async fn reconcile(&self, event: EventId, generation: i64) -> anyhow::Result<Answer<(usize, usize)>> {
         let stale = match self.stale(event, generation).await? {
+            Answer::Ok(counts, stale) if stale.is_empty() => return Ok(Answer::Ok(counts, (0, 0))),
             Answer::Ok(_, stale) => stale,
             Answer::NoLedger => return Ok(Answer::NoLedger),
             Answer::Generation(g) => return Ok(Answer::Generation(g)),
         };
-        if stale.is_empty() {
-            return Ok(Answer::Ok(Counts::default(), (0, 0)));
-        }
         let total = stale.len();
         Ok(match self.settle_entries(event, generation, &stale).await? {
             Answer::Ok(counts, released) => {

@@ -33,7 +33,10 @@ pub(super) struct ReserveBody {
     quantity: Option<i64>,
 }
 
-pub(super) async fn event_actor(state: &AppState, id: EventId) -> Result<EventHandle, ApiError> {
+pub(super) async fn event_actor(
+    state: &AppState,
+    id: EventId,
+) -> Result<std::sync::Arc<EventHandle>, ApiError> {
     state
         .registry
         .actor(id)
