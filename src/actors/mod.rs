@@ -10,4 +10,4 @@ pub mod registry;
 pub use event::{Admission, EventActor, EventSnapshot, Refusal, Reply, Reserved, reply_channel};
 pub use live::{LiveChannel, LiveHub, LiveSettings};
 pub use persister::{Persister, PersisterStats};
-pub use registry::{EventHandle, QueueDepths, Registry};
+pub use registry::{EventAddr, EventHandle, QueueDepths, Registry};

@@ -13,59 +13,68 @@ use actix::prelude::*;
 use actix_rt::ArbiterHandle;
 use sea_orm::DatabaseConnection;
 
-use super::event::{
-    Admission, Cancel, Confirm, EventActor, Lifecycle, Listening, Reserve, Snapshot, UpdateEvent,
-};
+use super::event::{Admission, EventActor, Lifecycle};
 use super::live::{LiveChannel, LiveHub, LiveSettings};
 use super::persister::Persister;
 use crate::cluster::{Cluster, ClusterEventActor, RemoteCounts};
 use crate::domain::EventId;
 use crate::store;
 
-/// An event's actor and what the HTTP edge checks before sending it a request. The actor is an
-/// [`EventActor`] on one node, a [`ClusterEventActor`] with several; both take the same messages.
+/// An event's actor and what the HTTP edge checks before sending it a request.
 #[derive(Clone)]
 pub struct EventHandle {
-    pub reserve: Recipient<Reserve>,
-    pub confirm: Recipient<Confirm>,
-    pub cancel: Recipient<Cancel>,
-    pub snapshot: Recipient<Snapshot>,
-    pub update: Recipient<UpdateEvent>,
-    pub listening: Recipient<Listening>,
-    /// Several nodes: counts heard from the other nodes.
-    pub remote: Option<Recipient<RemoteCounts>>,
+    pub actor: EventAddr,
     pub admission: Arc<Admission>,
     /// The event's live broadcaster, for WebSocket sessions to subscribe to.
     pub live: Arc<LiveChannel>,
 }
 
-impl EventHandle {
-    /// The handle of an actor that takes every event message.
-    fn of<A>(
-        addr: Addr<A>,
-        remote: Option<Recipient<RemoteCounts>>,
-        admission: Arc<Admission>,
-        live: Arc<LiveChannel>,
-    ) -> Self
+/// The event's actor: an [`EventActor`] on one node, a [`ClusterEventActor`] with several. Both
+/// take the same messages; an address (not a `Recipient`) keeps `try_send` exactly as actix
+/// gives it for an `Addr`, with no boxed sender cloned per request.
+#[derive(Clone)]
+pub enum EventAddr {
+    Local(Addr<EventActor>),
+    Cluster(Addr<ClusterEventActor>),
+}
+
+impl EventAddr {
+    pub fn try_send<M>(&self, msg: M) -> Result<(), SendError<M>>
     where
-        A: Actor<Context = Context<A>>
-            + Handler<Reserve>
-            + Handler<Confirm>
-            + Handler<Cancel>
-            + Handler<Snapshot>
-            + Handler<UpdateEvent>
-            + Handler<Listening>,
+        M: Message + Send + 'static,
+        M::Result: Send,
+        EventActor: Handler<M>,
+        ClusterEventActor: Handler<M>,
     {
-        EventHandle {
-            reserve: addr.clone().recipient(),
-            confirm: addr.clone().recipient(),
-            cancel: addr.clone().recipient(),
-            snapshot: addr.clone().recipient(),
-            update: addr.clone().recipient(),
-            listening: addr.recipient(),
-            remote,
-            admission,
-            live,
+        match self {
+            EventAddr::Local(addr) => addr.try_send(msg),
+            EventAddr::Cluster(addr) => addr.try_send(msg),
+        }
+    }
+
+    pub fn do_send<M>(&self, msg: M)
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        EventActor: Handler<M>,
+        ClusterEventActor: Handler<M>,
+    {
+        match self {
+            EventAddr::Local(addr) => addr.do_send(msg),
+            EventAddr::Cluster(addr) => addr.do_send(msg),
+        }
+    }
+
+    pub async fn send<M>(&self, msg: M) -> Result<M::Result, MailboxError>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        EventActor: Handler<M>,
+        ClusterEventActor: Handler<M>,
+    {
+        match self {
+            EventAddr::Local(addr) => addr.send(msg).await,
+            EventAddr::Cluster(addr) => addr.send(msg).await,
         }
     }
 }
@@ -79,9 +88,7 @@ pub struct QueueDepths {
 }
 
 pub struct Registry {
-    /// why `Arc`: a handle holds six `Recipient`s, each a boxed sender that allocates when
-    /// cloned; every request takes a handle, so it takes a reference count instead.
-    actors: papaya::HashMap<EventId, Arc<EventHandle>>,
+    actors: papaya::HashMap<EventId, EventHandle>,
     /// Serializes actor creation so two first requests never start two actors for one event.
     creating: tokio::sync::Mutex<()>,
     arbiters: std::sync::RwLock<Vec<ArbiterHandle>>,
@@ -123,10 +130,12 @@ impl Registry {
 
     /// Hands counts heard from another node to the event's actor, if it runs here.
     pub fn remote(&self, id: EventId, counts: RemoteCounts) {
-        if let Some(handle) = self.actors.pin().get(&id)
-            && let Some(remote) = &handle.remote
+        if let Some(EventHandle {
+            actor: EventAddr::Cluster(addr),
+            ..
+        }) = self.actors.pin().get(&id)
         {
-            remote.do_send(counts);
+            addr.do_send(counts);
         }
     }
 
@@ -142,7 +151,7 @@ impl Registry {
     }
 
     /// The actor of event `id`, started if needed; `None` if no such event exists.
-    pub async fn actor(&self, id: EventId) -> anyhow::Result<Option<Arc<EventHandle>>> {
+    pub async fn actor(&self, id: EventId) -> anyhow::Result<Option<EventHandle>> {
         if let Some(addr) = self.actors.pin().get(&id) {
             return Ok(Some(addr.clone()));
         }
@@ -179,7 +188,11 @@ impl Registry {
                     Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, start),
                     None => Supervisor::start(start),
                 };
-                EventHandle::of(addr, None, admission, live)
+                EventHandle {
+                    actor: EventAddr::Local(addr),
+                    admission,
+                    live,
+                }
             }
             Some(cluster) => {
                 let cluster = cluster.clone();
@@ -190,11 +203,13 @@ impl Registry {
                     Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, start),
                     None => Supervisor::start(start),
                 };
-                let remote = addr.clone().recipient();
-                EventHandle::of(addr, Some(remote), admission, live)
+                EventHandle {
+                    actor: EventAddr::Cluster(addr),
+                    admission,
+                    live,
+                }
             }
         };
-        let handle = Arc::new(handle);
         self.actors.pin().insert(id, handle.clone());
         Ok(Some(handle))
     }

@@ -70,7 +70,7 @@ pub(super) async fn read(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let actor = super::reservations::event_actor(&state, event_id(&path)?).await?;
-    let snapshot = actor.snapshot.send(Snapshot).await??;
+    let snapshot = actor.actor.send(Snapshot).await??;
     Ok(json(StatusCode::OK, &snapshot))
 }
 
@@ -89,6 +89,6 @@ pub(super) async fn update(
     let id = event_id(&path)?;
     let patch: EventPatch = required_json_body(&req, payload, state.body_limit).await?;
     let actor = super::reservations::event_actor(&state, id).await?;
-    let snapshot = actor.update.send(UpdateEvent(patch)).await??;
+    let snapshot = actor.actor.send(UpdateEvent(patch)).await??;
     Ok(json(StatusCode::OK, &snapshot))
 }

@@ -71,7 +71,7 @@ pub(super) async fn live(
     }
     let event = super::reservations::event_actor(&state, id).await?;
     // Also waits until the actor has loaded its state, so the snapshot below exists.
-    event.snapshot.send(Snapshot).await??;
+    event.actor.send(Snapshot).await??;
     let (snapshot, updates) = event
         .live
         .subscribe()
@@ -97,7 +97,7 @@ pub(super) async fn live(
         shutdown: hub.shutdown_signal(),
         _open: hub.session_started(),
     };
-    event.listening.do_send(Listening);
+    event.actor.do_send(Listening);
     actix_web::rt::spawn(socket.run(snapshot.text));
     Ok(response)
 }

@@ -11,7 +11,8 @@ use serde_json::json;
 use super::extract::{IdemKey, User, event_id, json_body, reservation_id};
 use super::{AppState, json, resource};
 use crate::actors::event::{Cancel, Confirm, Reserve};
-use crate::actors::{EventHandle, Refusal, Reply, reply_channel};
+use crate::actors::{EventActor, EventHandle, Refusal, Reply, reply_channel};
+use crate::cluster::ClusterEventActor;
 use crate::domain::{EventId, Quantity, Reservation, ReservationId, ReservationStatus, UserId};
 use crate::error::{ApiError, Code};
 use crate::store;
@@ -33,10 +34,7 @@ pub(super) struct ReserveBody {
     quantity: Option<i64>,
 }
 
-pub(super) async fn event_actor(
-    state: &AppState,
-    id: EventId,
-) -> Result<std::sync::Arc<EventHandle>, ApiError> {
+pub(super) async fn event_actor(state: &AppState, id: EventId) -> Result<EventHandle, ApiError> {
     state
         .registry
         .actor(id)
@@ -100,7 +98,6 @@ async fn reserve_units(
     let (reply, answer) = reply_channel();
     send_queued(
         &event,
-        &event.reserve,
         Reserve {
             user,
             quantity,
@@ -168,16 +165,17 @@ async fn change_own<M>(
     state: &AppState,
     raw: &str,
     user: UserId,
-    recipient: impl FnOnce(&EventHandle) -> &actix::Recipient<M>,
     message: impl FnOnce(ReservationId, UserId, Reply) -> M,
 ) -> Result<Change, ApiError>
 where
     M: actix::Message<Result = ()> + Send + 'static,
+    EventActor: actix::Handler<M>,
+    ClusterEventActor: actix::Handler<M>,
 {
     let found = own_reservation(state, raw, &user).await?;
     let event = event_actor(state, found.event_id).await?;
     let (reply, answer) = reply_channel();
-    send_queued(&event, recipient(&event), message(found.id, user.clone(), reply))?;
+    send_queued(&event, message(found.id, user.clone(), reply))?;
     match answer.await {
         Ok(done) => Ok(Change::Applied(done.reservation)),
         Err(Refusal::Ended) => {
@@ -192,16 +190,18 @@ where
 
 /// Hands a request to the event's actor if its queue has room; otherwise sheds it at once with
 /// 503 `overloaded` rather than queue it without bound.
-fn send_queued<M>(event: &EventHandle, to: &actix::Recipient<M>, message: M) -> Result<(), ApiError>
+fn send_queued<M>(event: &EventHandle, message: M) -> Result<(), ApiError>
 where
     M: actix::Message<Result = ()> + Send + 'static,
+    EventActor: actix::Handler<M>,
+    ClusterEventActor: actix::Handler<M>,
 {
     const SHED: &str = "This event's queue is full; nothing was changed. Retry after Retry-After seconds.";
     if !event.admission.enqueue() {
         metrics::counter!(crate::metrics::SHED_TOTAL).increment(1);
         return Err(ApiError::overloaded(SHED));
     }
-    to.try_send(message).map_err(|error| {
+    event.actor.try_send(message).map_err(|error| {
         event.admission.dequeued();
         match error {
             actix::prelude::SendError::Full(_) => ApiError::overloaded(SHED),
@@ -223,15 +223,7 @@ pub(super) async fn confirm(
     User(user): User,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    match change_own(
-        &state,
-        &path,
-        user,
-        |e| &e.confirm,
-        |id, user, reply| Confirm { id, user, reply },
-    )
-    .await?
-    {
+    match change_own(&state, &path, user, |id, user, reply| Confirm { id, user, reply }).await? {
         Change::Applied(confirmed) => Ok(json(StatusCode::OK, &confirmed)),
         Change::Ended(ended) if ended.status == ReservationStatus::Expired => {
             Err(Refusal::HoldExpired.into())
@@ -255,15 +247,7 @@ pub(super) async fn cancel(
     User(user): User,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    match change_own(
-        &state,
-        &path,
-        user,
-        |e| &e.cancel,
-        |id, user, reply| Cancel { id, user, reply },
-    )
-    .await?
-    {
+    match change_own(&state, &path, user, |id, user, reply| Cancel { id, user, reply }).await? {
         // Cancelling what has already ended changes nothing.
         Change::Applied(reservation) | Change::Ended(reservation) => Ok(json(StatusCode::OK, &reservation)),
     }
