@@ -23,6 +23,8 @@
 //! - **Fast.** One statement per chunk on each backend (see [`write`]); the runner reads the next
 //!   chunk while the actor and database handle the current one.
 
+pub mod cli;
+mod lock;
 pub mod runner;
 pub mod source;
 pub mod webhook;
@@ -42,6 +44,7 @@ use serde_json::json;
 
 use crate::domain::EventId;
 
+pub use lock::RunnerLock;
 pub use runner::{BulkRunner, BulkSettings};
 pub use source::{SourceDatabase, TableSource, UploadFormat};
 
@@ -97,6 +100,10 @@ pub enum JobSource {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         column: Option<String>,
         bytes: u64,
+        /// Stored by the server at submission, so removed when the job ends; `false` for a
+        /// file the command line ran a job on directly.
+        #[serde(default = "owned_by_server")]
+        owned: bool,
     },
     Table(TableSource),
 }
@@ -116,6 +123,10 @@ impl JobSource {
             }),
         }
     }
+}
+
+fn owned_by_server() -> bool {
+    true
 }
 
 /// How far a job got; also what each chunk commits.
@@ -197,6 +208,8 @@ impl Job {
             "totals": self.totals,
             "invalid_lines": self.invalid_lines,
             "stock_exhausted": self.stock_exhausted,
+            // Upload bytes (compressed, if gzip) or table rows: consumed by committed chunks, and in all.
+            "progress": {"done": self.bytes_read, "total": self.bytes_total},
             "cancel_requested": self.cancel_requested,
             "rate_per_second": self.rate(now).map(|r| (r * 10.0).round() / 10.0),
             "eta_seconds": self.eta_seconds(now),

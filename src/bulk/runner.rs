@@ -14,6 +14,7 @@ use actix::Addr;
 use anyhow::{Context, anyhow};
 use sea_orm::DatabaseConnection;
 
+use super::lock::RunnerLock;
 use super::source::{self, Reader, TableReader};
 use super::webhook::{JobEvent, JobEventKind, Notifier};
 use super::write::{GrantTxn, Progress};
@@ -140,6 +141,7 @@ impl BulkRunner {
     }
 
     async fn run_forever(self: Arc<Self>) {
+        let _lock = self.runner_lock().await;
         loop {
             match super::next_job(&self.db).await {
                 Ok(Some(job)) => self.run(job).await,
@@ -154,6 +156,27 @@ impl BulkRunner {
         }
     }
 
+    /// Waits until this process is the database's one job runner.
+    async fn runner_lock(&self) -> RunnerLock {
+        let mut told = false;
+        loop {
+            match RunnerLock::try_acquire(&self.db, self.backend).await {
+                Ok(Some(lock)) => return lock,
+                Ok(None) if !told => {
+                    told = true;
+                    tracing::warn!(
+                        "another process runs the bulk jobs of this database; waiting for it to stop"
+                    );
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(error = format!("{error:#}"), "cannot take the bulk runner lock")
+                }
+            }
+            tokio::time::sleep(IDLE_POLL).await;
+        }
+    }
+
     fn notify(&self, kind: JobEventKind, job: &Job) {
         self.notifier.send(JobEvent {
             kind,
@@ -162,8 +185,9 @@ impl BulkRunner {
         });
     }
 
-    /// Runs one job to its end and records how it ended.
-    async fn run(&self, job: Job) {
+    /// Runs one job to its end and records how it ended (the command line's direct mode calls
+    /// this itself, holding the runner lock).
+    pub async fn run(&self, job: Job) {
         let resumed = job.state == JobState::Running;
         let mut job = match super::set_job_state(&self.db, &job, JobState::Running, None).await {
             Ok(job) => job,
@@ -207,7 +231,9 @@ impl BulkRunner {
                 }
             }
         };
-        if let JobSource::Upload { path, .. } = &finished.source
+        if let JobSource::Upload {
+            path, owned: true, ..
+        } = &finished.source
             && let Err(e) = tokio::fs::remove_file(path).await
         {
             tracing::warn!(job = finished.id, path = %path.display(), error = %e, "cannot remove a finished job's upload");

@@ -225,6 +225,7 @@ async fn store_upload(
         format,
         column,
         bytes,
+        owned: true,
     })
 }
 
