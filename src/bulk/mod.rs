@@ -25,6 +25,7 @@
 
 pub mod cli;
 mod lock;
+mod prepare;
 pub mod runner;
 pub mod source;
 pub mod webhook;
@@ -104,6 +105,10 @@ pub enum JobSource {
         /// file the command line ran a job on directly.
         #[serde(default = "owned_by_server")]
         owned: bool,
+        /// The file is the prepared list (validated, sorted, without duplicates; see
+        /// [`prepare`]), and the totals already count every line of the original.
+        #[serde(default)]
+        prepared: bool,
     },
     Table(TableSource),
 }
@@ -464,6 +469,28 @@ pub(crate) async fn set_job_state(
     }
     row.update(db).await.context("updating a bulk job's state")?;
     find_job(db, job.id).await?.context("the bulk job vanished")
+}
+
+/// Records the end of an upload's prepare phase: the job now reads the prepared list, and its
+/// totals count every line of the original.
+pub(crate) async fn record_prepared(db: &DatabaseConnection, job: &Job) -> anyhow::Result<()> {
+    let row = bulk_jobs::ActiveModel {
+        id: ActiveValue::Unchanged(job.id),
+        source: ActiveValue::Set(serde_json::to_string(&job.source).context("encoding a job source")?),
+        cursor: ActiveValue::Set(None),
+        read_count: ActiveValue::Set(i64::try_from(job.totals.read).unwrap_or(i64::MAX)),
+        skipped: ActiveValue::Set(i64::try_from(job.totals.skipped).unwrap_or(i64::MAX)),
+        invalid: ActiveValue::Set(i64::try_from(job.totals.invalid).unwrap_or(i64::MAX)),
+        invalid_lines: ActiveValue::Set(
+            serde_json::to_string(&job.invalid_lines).context("encoding invalid lines")?,
+        ),
+        bytes_total: ActiveValue::Set(job.bytes_total.map(|b| i64::try_from(b).unwrap_or(i64::MAX))),
+        bytes_read: ActiveValue::Set(0),
+        updated_at: ActiveValue::Set(crate::domain::now()),
+        ..Default::default()
+    };
+    row.update(db).await.context("recording a prepared upload")?;
+    Ok(())
 }
 
 /// Records the size of a table source, for the ETA.

@@ -226,6 +226,7 @@ async fn store_upload(
         column,
         bytes,
         owned: true,
+        prepared: false,
     })
 }
 
