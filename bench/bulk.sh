@@ -11,6 +11,7 @@
 #   ORDER             sequential (user-00000001, user-00000002, …) or shuffled [shuffled]
 #   BACKENDS          any of: sqlite postgres                                 [sqlite postgres]
 #   LIVE_CONNECTIONS  keep-alive connections claiming on the other event      [16]
+#   LIVE_RPS          their paced rate, claims per second (0: as fast as they can) [2000]
 #   LIVE_WINDOW       seconds per live-load measurement window                [5]
 #   PG_HOST PG_PORT PG_USER   PostgreSQL for scratch databases  [127.0.0.1 5432 postgres]
 #   BENCH_DIR         scratch space on a real disk (not tmpfs)  [target/bench]
@@ -31,6 +32,7 @@ USERS=${USERS:-10000000}
 ORDER=${ORDER:-shuffled}
 BACKENDS=${BACKENDS:-sqlite postgres}
 LIVE_CONNECTIONS=${LIVE_CONNECTIONS:-16}
+LIVE_RPS=${LIVE_RPS:-2000}
 LIVE_WINDOW=${LIVE_WINDOW:-5}
 PG_HOST=${PG_HOST:-127.0.0.1}
 PG_PORT=${PG_PORT:-5432}
@@ -142,8 +144,8 @@ sample_rss() {
 }
 
 live_window() { # event-id prefix → one JSON line
-    "$LOADGEN" rate --scenario live --url "$BASE/v1/events/$1/reservations" --connections "$LIVE_CONNECTIONS" \
-        --duration "$LIVE_WINDOW" --warmup 0.5 --distinct-users "$2"
+    "$LOADGEN" rate --scenario live --method POST --url "$BASE/v1/events/$1/reservations" --connections "$LIVE_CONNECTIONS" \
+        --rps "$LIVE_RPS" --duration "$LIVE_WINDOW" --warmup 0.5 --distinct-users "$2"
 }
 
 # --- one backend ------------------------------------------------------------------------------
@@ -261,7 +263,7 @@ for backend in $BACKENDS; do
     esac
 done
 
-echo "Bulk issuance of $USERS distinct users ($ORDER), $(nproc) cores, $(date -u +%F)"
+echo "Bulk issuance of $USERS distinct users ($ORDER), live load $LIVE_RPS claims/s on $LIVE_CONNECTIONS connections, $(nproc) cores, $(date -u +%F)"
 echo
 echo "| backend | job (started → finished) | upload | submit → done | users/s | server RSS idle → max | live p99 alone | live p99 during the job: median / worst window |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
