@@ -12,7 +12,7 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 
 use crate::actors::persister::WriteAndWait;
-use crate::actors::{LiveHub, LiveSettings, Persister, PersisterStats, Registry};
+use crate::actors::{LiveHub, LiveSettings, Persister, PersisterStats, Registry, WriteGate};
 use crate::bulk::webhook::{Notifier, RetryPolicy, WebhookTarget};
 use crate::cluster::Cluster;
 use crate::config::Settings;
@@ -54,10 +54,12 @@ impl Application {
         // batches (a pooled connection would find its cache stale after another's write).
         let writer = store::connect(&settings.database_url, 1).await?;
         let stats = Arc::new(PersisterStats::default());
+        let write_gate = (backend == Backend::Sqlite).then(WriteGate::default);
         let persister = {
-            let (db, stats, max_batch) = (writer, stats.clone(), settings.max_batch);
+            let (db, stats, max_batch, gate) =
+                (writer, stats.clone(), settings.max_batch, write_gate.clone());
             Persister::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-                Persister::new(db, backend, max_batch, stats)
+                Persister::new(db, backend, max_batch, stats).with_write_gate(gate)
             })
         };
         // Zero means: host event actors on the HTTP workers' arbiters (registered below).
@@ -125,6 +127,7 @@ impl Application {
             crate::bulk::BulkSettings::from_settings(&settings, backend),
             notifier,
             cluster.is_some(),
+            write_gate,
         );
         bulk.spawn();
 

@@ -9,5 +9,5 @@ pub mod registry;
 
 pub use event::{Admission, EventActor, EventSnapshot, Refusal, Reply, Reserved, reply_channel};
 pub use live::{LiveChannel, LiveHub, LiveSettings};
-pub use persister::{Persister, PersisterStats};
+pub use persister::{Persister, PersisterStats, WriteGate};
 pub use registry::{EventAddr, EventHandle, QueueDepths, Registry};

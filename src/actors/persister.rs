@@ -110,9 +110,24 @@ pub struct Persister {
     queue: VecDeque<(Option<WriteOp>, Waiter)>,
     committing: bool,
     stats: Arc<PersisterStats>,
+    /// SQLite: shared with the bulk runner (see [`WriteGate`]).
+    write_gate: Option<WriteGate>,
 }
 
+/// SQLite lets one connection write at a time, and a writer that finds the database locked
+/// sleeps and retries (the busy handler), with no queue: beside a bulk job that takes the lock
+/// back-to-back for chunk after chunk, live commits waited hundreds of milliseconds. Writers of
+/// this process take this FIFO mutex around each transaction instead, so a live commit waits
+/// for at most the one chunk in progress.
+pub type WriteGate = Arc<tokio::sync::Mutex<()>>;
+
 impl Persister {
+    /// Takes `gate` around every commit.
+    pub fn with_write_gate(mut self, gate: Option<WriteGate>) -> Self {
+        self.write_gate = gate;
+        self
+    }
+
     pub fn new(
         db: DatabaseConnection,
         backend: Backend,
@@ -126,6 +141,7 @@ impl Persister {
             queue: VecDeque::new(),
             committing: false,
             stats,
+            write_gate: None,
         }
     }
 
@@ -145,10 +161,15 @@ impl Persister {
         let db = self.db.clone();
         let backend = self.backend;
         let started = Instant::now();
+        let gate = self.write_gate.clone();
         let commit = async move {
             if ops.is_empty() {
                 return Ok(ops.len());
             }
+            let _turn = match &gate {
+                Some(gate) => Some(gate.lock().await),
+                None => None,
+            };
             store::apply_batch(&db, backend, &ops).await.map(|()| ops.len())
         };
         ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {

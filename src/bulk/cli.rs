@@ -20,7 +20,7 @@ use tokio::io::AsyncReadExt;
 
 use super::webhook::Notifier;
 use super::{BulkRunner, BulkSettings, JobSource, RunnerLock, UploadFormat};
-use crate::actors::{Persister, PersisterStats, Registry};
+use crate::actors::{Persister, PersisterStats, Registry, WriteGate};
 use crate::config::Settings;
 use crate::domain::{EventId, EventKind};
 use crate::store::{self, Backend};
@@ -257,12 +257,14 @@ async fn run_direct(args: &IssueArgs, url: &str, size: u64, bar: &ProgressBar) -
         bail!("event {} sells tickets; bulk issuance gives coupons", args.event);
     }
     let writer = store::connect(url, 1).await?;
+    let write_gate = (backend == Backend::Sqlite).then(WriteGate::default);
     let persister = Persister::new(
         writer,
         backend,
         settings.max_batch,
         Arc::new(PersisterStats::default()),
     )
+    .with_write_gate(write_gate.clone())
     .start();
     let registry = Arc::new(Registry::new(
         Vec::new(),
@@ -277,6 +279,7 @@ async fn run_direct(args: &IssueArgs, url: &str, size: u64, bar: &ProgressBar) -
         BulkSettings::from_settings(&settings, backend),
         Notifier::none(),
         false,
+        write_gate,
     );
     let format = args.format()?;
     let path = std::fs::canonicalize(&args.targets)

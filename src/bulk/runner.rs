@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use actix::Addr;
 use anyhow::{Context, anyhow};
-use sea_orm::DatabaseConnection;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 
 use super::lock::RunnerLock;
 use super::source::{self, Reader, TableReader};
@@ -20,7 +20,7 @@ use super::webhook::{JobEvent, JobEventKind, Notifier};
 use super::write::{GrantTxn, Progress};
 use super::{InvalidLine, Job, JobSource, JobState, MAX_INVALID_KEPT, SourceDatabase, Totals};
 use crate::actors::event::{BulkBegin, BulkEnd, BulkExtend, BulkGrant, Reload};
-use crate::actors::{EventActor, Refusal, Registry};
+use crate::actors::{EventActor, Refusal, Registry, WriteGate};
 use crate::domain::{EventId, UserId};
 use crate::store::Backend;
 
@@ -68,6 +68,8 @@ pub struct BulkRunner {
     source_db: tokio::sync::OnceCell<DatabaseConnection>,
     wake: tokio::sync::Notify,
     several_nodes: bool,
+    /// SQLite: taken around each chunk, shared with the persister (see [`WriteGate`]).
+    write_gate: Option<WriteGate>,
 }
 
 /// How a job ended.
@@ -85,8 +87,10 @@ impl BulkRunner {
         settings: BulkSettings,
         notifier: Notifier,
         several_nodes: bool,
+        write_gate: Option<WriteGate>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            write_gate,
             db,
             backend,
             registry,
@@ -462,6 +466,7 @@ impl BulkRunner {
             let outcome = {
                 // Held until the actor has been told the outcome (see `BulkBegin`).
                 let _fence = fence.lock().await;
+                let asked = Instant::now();
                 let grant = match actor.send(BulkBegin(users.clone())).await {
                     Ok(Ok(grant)) => Ok(grant),
                     Ok(Err(Refusal::Unavailable)) | Err(_) => Err(anyhow!("the event actor is not ready")),
@@ -471,6 +476,7 @@ impl BulkRunner {
                     Err(error) => Err(error),
                     Ok(grant) => {
                         let epoch = grant.epoch;
+                        let granted = asked.elapsed();
                         let attempt = self
                             .insert_chunk(actor, job, grant, &totals, chunk, &invalid_json)
                             .await;
@@ -478,12 +484,25 @@ impl BulkRunner {
                             epoch,
                             inserted: attempt.as_ref().ok().map(|a| a.inserted),
                         });
+                        if let Ok(done) = &attempt {
+                            tracing::debug!(
+                                job = job.id,
+                                rows = done.inserted,
+                                actor_ms = granted.as_secs_f64() * 1e3,
+                                insert_ms = done.insert_time.as_secs_f64() * 1e3,
+                                commit_ms = done.commit_time.as_secs_f64() * 1e3,
+                                "bulk chunk committed"
+                            );
+                        }
                         attempt
                     }
                 }
             };
             match outcome {
-                Ok(done) => return Ok(Some((done.totals, done.exhausted))),
+                Ok(done) => {
+                    self.checkpoint().await;
+                    return Ok(Some((done.totals, done.exhausted)));
+                }
                 Err(error) => {
                     tracing::warn!(
                         job = job.id,
@@ -500,6 +519,21 @@ impl BulkRunner {
         Ok(None)
     }
 
+    /// SQLite: moves the chunk's pages from the WAL into the database file now, outside the
+    /// write lock. why: left to SQLite's auto-checkpoint, the WAL fills to its threshold
+    /// (`wal_autocheckpoint`, 64 MiB) every second or so of bulk writing, and whichever commit
+    /// crosses it, often a live one, writes all of it back and syncs before answering: measured,
+    /// live p99 went from 5 ms to over 100 ms. A passive checkpoint takes no write lock, so
+    /// live commits go on meanwhile.
+    async fn checkpoint(&self) {
+        if self.backend != Backend::Sqlite {
+            return;
+        }
+        if let Err(error) = self.db.execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)").await {
+            tracing::warn!(%error, "cannot checkpoint the WAL after a bulk chunk");
+        }
+    }
+
     /// The chunk's transaction. Units the actor granted to users who turn out to hold a grant
     /// already are offered, in the same transaction, to users left unissued for lack of stock,
     /// so the stock boundary is exact too.
@@ -513,11 +547,16 @@ impl BulkRunner {
         invalid_json: &str,
     ) -> anyhow::Result<Inserted> {
         let event: EventId = job.event_id;
+        let _turn = match &self.write_gate {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        };
         let mut txn = GrantTxn::begin(&self.db, self.backend)
             .await
             .context("starting a chunk")?;
         let units = grant.insert.len() as u64;
         let mut attempted = units;
+        let inserting = Instant::now();
         let mut inserted = txn
             .insert(event, job.id, &grant.insert)
             .await
@@ -544,6 +583,8 @@ impl BulkRunner {
         totals.skipped += held + (attempted - inserted);
         totals.unissued += unissued.len() as u64;
         let exhausted = job.stock_exhausted || !unissued.is_empty();
+        let insert_time = inserting.elapsed();
+        let committing = Instant::now();
         let progress = Progress {
             cursor: &chunk.cursor,
             totals: &totals,
@@ -558,6 +599,8 @@ impl BulkRunner {
             inserted,
             totals,
             exhausted,
+            insert_time,
+            commit_time: committing.elapsed(),
         })
     }
 
@@ -591,4 +634,6 @@ struct Inserted {
     inserted: u64,
     totals: Totals,
     exhausted: bool,
+    insert_time: Duration,
+    commit_time: Duration,
 }
