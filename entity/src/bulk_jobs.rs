@@ -12,9 +12,9 @@ pub struct Model {
     pub state: String,
     /// The targets' source, as JSON: an uploaded file or a table and column.
     pub source: String,
-    /// Where the last committed chunk ended: data lines consumed (uploads) or the last value
-    /// read (tables). A resumed job continues from here.
-    pub cursor: Option<String>,
+    /// Where the last committed chunk ended: lines consumed (uploads) or the last value read
+    /// (tables). A resumed job continues from here. (Not `cursor`: a reserved word in MySQL.)
+    pub resume_at: Option<String>,
     pub read_count: i64,
     pub issued: i64,
     pub skipped: i64,

@@ -18,7 +18,7 @@ enum BulkJobs {
     EventId,
     State,
     Source,
-    Cursor,
+    ResumeAt,
     ReadCount,
     Issued,
     Skipped,
@@ -83,7 +83,7 @@ impl MigrationTrait for Migration {
                     .col(ColumnDef::new(BulkJobs::EventId).big_integer().not_null())
                     .col(ColumnDef::new(BulkJobs::State).string_len(16).not_null())
                     .col(ColumnDef::new(BulkJobs::Source).text().not_null())
-                    .col(ColumnDef::new(BulkJobs::Cursor).text().null())
+                    .col(ColumnDef::new(BulkJobs::ResumeAt).text().null())
                     .col(counter(BulkJobs::ReadCount))
                     .col(counter(BulkJobs::Issued))
                     .col(counter(BulkJobs::Skipped))

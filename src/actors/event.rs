@@ -177,9 +177,9 @@ pub struct Listening;
 pub struct UpdateEvent(pub EventPatch);
 
 /// A bulk job asks for units for a chunk of distinct users. The actor skips users who already
-/// hold the coupon, takes one unit for each of the others while stock lasts, and makes those
-/// users' live claims wait until [`BulkEnd`]. The job holds the event's bulk fence from before
-/// this message until after its `BulkEnd` is sent.
+/// hold the coupon, takes one unit for each of the others while stock lasts, and makes the
+/// chunk's users' live claims wait until [`BulkEnd`]. The grant carries the event's bulk fence,
+/// which the job holds until its `BulkEnd` is sent.
 #[derive(Message)]
 #[rtype(result = "Result<BulkGrant, Refusal>")]
 pub struct BulkBegin(pub Vec<UserId>);
@@ -191,10 +191,14 @@ pub struct BulkGrant {
     pub insert: Vec<UserId>,
     /// Users skipped because they hold the coupon (a live reservation or a known grant).
     pub held: u64,
-    /// Users left without a unit: stock ran out.
+    /// Users left without a unit: stock ran out. They are in the chunk too (their live claims
+    /// wait): units granted to users who turn out to hold a grant already go to them.
     pub unissued: Vec<UserId>,
     /// The actor's state generation, echoed in [`BulkEnd`].
     pub epoch: u64,
+    /// The event's bulk fence, taken by the actor for this chunk: a reload waits for it, so it
+    /// never reads the counts while the chunk's units are taken but not committed.
+    pub fence: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 /// The outcome of a chunk: `Some(inserted)` once its transaction committed (rows inserted; the
@@ -206,13 +210,6 @@ pub struct BulkEnd {
     pub epoch: u64,
     pub inserted: Option<u64>,
 }
-
-/// Inside a chunk's transaction: some granted users already held a grant, so units are spare;
-/// the job offers them to users that [`BulkBegin`] left unissued. The actor adds those who do
-/// not hold the coupon now to the chunk (their live claims wait too) and returns them.
-#[derive(Message)]
-#[rtype(result = "Result<BulkGrant, Refusal>")]
-pub struct BulkExtend(pub Vec<UserId>);
 
 /// Re-read the event's state from the database (after grants were revoked).
 #[derive(Message)]
@@ -388,9 +385,10 @@ pub struct EventActor {
     live: LivePublisher,
     /// Set while a coalesced live message or a window edge is waiting.
     live_timer: Option<SpawnHandle>,
-    /// Held by a bulk job from before a chunk is granted until its outcome is sent here; a
-    /// reload takes it before reading, so it never reads the counts while a chunk's units are
-    /// taken but not yet committed. Outlives restarts (the registry owns it).
+    /// Taken by this actor when it grants a bulk chunk and held by the job until the chunk's
+    /// outcome is sent here; a reload takes it before reading, so it never reads the counts
+    /// while a chunk's units are taken but not yet committed. Outlives restarts (the registry
+    /// owns it).
     bulk_fence: Arc<tokio::sync::Mutex<()>>,
     /// Claims waiting for their user's bulk-grant status (a lookup, or a chunk in flight).
     /// Kept across reloads and replayed once the state is back.
@@ -755,8 +753,15 @@ impl EventActor {
         if ledger.chunk.is_some() {
             return Err(Refusal::InvalidState("a bulk chunk is already in flight".into()));
         }
+        // Held only by a revocation in progress (a reload holds it inside this actor's own
+        // wait, so never while a message is handled): the job retries.
+        let Ok(fence) = self.bulk_fence.clone().try_lock_owned() else {
+            return Err(Refusal::Unavailable);
+        };
+        let ledger = self.ledger()?;
         let mut grant = BulkGrant {
             epoch,
+            fence: Some(fence),
             ..BulkGrant::default()
         };
         let mut remaining = ledger.inventory().remaining();
@@ -773,32 +778,10 @@ impl EventActor {
         }
         let units = grant.insert.len() as u64;
         ledger.chunk = Some(BulkChunk {
-            users: grant.insert.iter().cloned().collect(),
+            users: grant.insert.iter().chain(&grant.unissued).cloned().collect(),
             units,
         });
         self.publish();
-        Ok(grant)
-    }
-
-    fn bulk_extend(&mut self, users: Vec<UserId>) -> Result<BulkGrant, Refusal> {
-        let epoch = self.epoch;
-        let ledger = self.ledger()?;
-        let Some(chunk) = ledger.chunk.as_mut() else {
-            return Err(Refusal::InvalidState("no bulk chunk is in flight".into()));
-        };
-        let mut grant = BulkGrant {
-            epoch,
-            ..BulkGrant::default()
-        };
-        for user in users {
-            let holds_live = ledger.per_user.get(&user).is_some_and(|&units| units > 0);
-            if holds_live || ledger.grants.get(&user) == Some(&true) {
-                grant.held += 1;
-            } else {
-                chunk.users.insert(user.clone());
-                grant.insert.push(user);
-            }
-        }
         Ok(grant)
     }
 
@@ -1297,14 +1280,6 @@ impl Handler<BulkBegin> for EventActor {
 
     fn handle(&mut self, msg: BulkBegin, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, Err(Refusal::Unavailable), |act, _| act.bulk_begin(msg.0))
-    }
-}
-
-impl Handler<BulkExtend> for EventActor {
-    type Result = Result<BulkGrant, Refusal>;
-
-    fn handle(&mut self, msg: BulkExtend, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, Err(Refusal::Unavailable), |act, _| act.bulk_extend(msg.0))
     }
 }
 

@@ -290,7 +290,7 @@ async fn run_direct(args: &IssueArgs, url: &str, size: u64, bar: &ProgressBar) -
         column: args.column(format),
         bytes: size,
         owned: false,
-        prepared: false,
+        prepared: None,
     };
     let job = super::create_job(&db, event.id, &source).await?;
     let id = job.id;

@@ -105,10 +105,10 @@ pub enum JobSource {
         /// file the command line ran a job on directly.
         #[serde(default = "owned_by_server")]
         owned: bool,
-        /// The file is the prepared list (validated, sorted, without duplicates; see
-        /// [`prepare`]), and the totals already count every line of the original.
-        #[serde(default)]
-        prepared: bool,
+        /// Once prepared (see [`prepare`]): the list the job reads, validated, sorted and
+        /// without duplicates; the totals already count every line of the original.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prepared: Option<PreparedList>,
     },
     Table(TableSource),
 }
@@ -132,6 +132,13 @@ impl JobSource {
 
 fn owned_by_server() -> bool {
     true
+}
+
+/// An upload's prepared list: one distinct valid user id per line, in byte order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedList {
+    pub path: PathBuf,
+    pub bytes: u64,
 }
 
 /// How far a job got; also what each chunk commits.
@@ -279,7 +286,7 @@ fn job_from_row(row: bulk_jobs::Model) -> anyhow::Result<Job> {
             .with_context(|| format!("job {} has state {:?}", row.id, row.state))?,
         source: serde_json::from_str(&row.source)
             .with_context(|| format!("reading job {}'s source", row.id))?,
-        cursor: row.cursor,
+        cursor: row.resume_at,
         totals: Totals {
             read: counter(row.read_count),
             issued: counter(row.issued),
@@ -311,7 +318,7 @@ pub async fn create_job(db: &DatabaseConnection, event: EventId, source: &JobSou
         event_id: ActiveValue::Set(event.get()),
         state: ActiveValue::Set(JobState::Queued.as_str().to_owned()),
         source: ActiveValue::Set(serde_json::to_string(source).context("encoding a job source")?),
-        cursor: ActiveValue::Set(None),
+        resume_at: ActiveValue::Set(None),
         read_count: ActiveValue::Set(0),
         issued: ActiveValue::Set(0),
         skipped: ActiveValue::Set(0),
@@ -362,17 +369,36 @@ pub async fn list_jobs(
 }
 
 /// The next job to run: one left running by a stopped server first (it resumes), then the
-/// oldest queued one.
+/// oldest queued one. A row that cannot be read is failed with the reason, so it never blocks
+/// the queue.
 pub async fn next_job(db: &DatabaseConnection) -> anyhow::Result<Option<Job>> {
     for state in [JobState::Running, JobState::Queued] {
-        let row = bulk_jobs::Entity::find()
-            .filter(bulk_jobs::Column::State.eq(state.as_str()))
-            .order_by_asc(bulk_jobs::Column::Id)
-            .one(db)
-            .await
-            .context("finding the next bulk job")?;
-        if let Some(row) = row {
-            return job_from_row(row).map(Some);
+        loop {
+            let row = bulk_jobs::Entity::find()
+                .filter(bulk_jobs::Column::State.eq(state.as_str()))
+                .order_by_asc(bulk_jobs::Column::Id)
+                .one(db)
+                .await
+                .context("finding the next bulk job")?;
+            let Some(row) = row else { break };
+            let id = row.id;
+            match job_from_row(row) {
+                Ok(job) => return Ok(Some(job)),
+                Err(error) => {
+                    let reason = format!("the job's row cannot be read: {error:#}");
+                    tracing::error!(job = id, reason, "failing an unreadable bulk job");
+                    let now = crate::domain::now();
+                    bulk_jobs::Entity::update_many()
+                        .col_expr(bulk_jobs::Column::State, JobState::Failed.as_str().into())
+                        .col_expr(bulk_jobs::Column::Error, Some(reason).into())
+                        .col_expr(bulk_jobs::Column::FinishedAt, Some(now).into())
+                        .col_expr(bulk_jobs::Column::UpdatedAt, now.into())
+                        .filter(bulk_jobs::Column::Id.eq(id))
+                        .exec(db)
+                        .await
+                        .context("failing an unreadable bulk job")?;
+                }
+            }
         }
     }
     Ok(None)
@@ -477,7 +503,7 @@ pub(crate) async fn record_prepared(db: &DatabaseConnection, job: &Job) -> anyho
     let row = bulk_jobs::ActiveModel {
         id: ActiveValue::Unchanged(job.id),
         source: ActiveValue::Set(serde_json::to_string(&job.source).context("encoding a job source")?),
-        cursor: ActiveValue::Set(None),
+        resume_at: ActiveValue::Set(None),
         read_count: ActiveValue::Set(i64::try_from(job.totals.read).unwrap_or(i64::MAX)),
         skipped: ActiveValue::Set(i64::try_from(job.totals.skipped).unwrap_or(i64::MAX)),
         invalid: ActiveValue::Set(i64::try_from(job.totals.invalid).unwrap_or(i64::MAX)),

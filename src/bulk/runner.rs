@@ -19,7 +19,7 @@ use super::source::{self, Reader, TableReader};
 use super::webhook::{JobEvent, JobEventKind, Notifier};
 use super::write::{GrantTxn, Progress};
 use super::{InvalidLine, Job, JobSource, JobState, MAX_INVALID_KEPT, SourceDatabase, Totals};
-use crate::actors::event::{BulkBegin, BulkEnd, BulkExtend, BulkGrant, Reload};
+use crate::actors::event::{BulkBegin, BulkEnd, BulkGrant, Reload};
 use crate::actors::{EventActor, Refusal, Registry, WriteGate};
 use crate::domain::{EventId, UserId};
 use crate::store::Backend;
@@ -242,11 +242,25 @@ impl BulkRunner {
             }
         };
         if let JobSource::Upload {
-            path, owned: true, ..
+            path,
+            owned,
+            prepared,
+            ..
         } = &finished.source
-            && let Err(e) = tokio::fs::remove_file(path).await
         {
-            tracing::warn!(job = finished.id, path = %path.display(), error = %e, "cannot remove a finished job's upload");
+            // The upload (unless it is the command line's own file) and the prepared list.
+            let ours = prepared
+                .iter()
+                .map(|list| &list.path)
+                .chain(owned.then_some(path));
+            for file in ours {
+                match tokio::fs::remove_file(file).await {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!(job = finished.id, path = %file.display(), error = %e, "cannot remove a finished job's file");
+                    }
+                    _ => {}
+                }
+            }
         }
         let elapsed = started.elapsed().as_secs_f64();
         let t = &finished.totals;
@@ -284,14 +298,20 @@ impl BulkRunner {
         let Some(actor) = handle.actor.local().cloned() else {
             return Ok(Ending::Failed("bulk issuance runs on one node".into()));
         };
-        if let JobSource::Upload { prepared: false, .. } = &job.source {
+        if let JobSource::Upload { prepared: None, .. } = &job.source {
             self.prepare(job).await?;
         }
         // A prepared list's lines are already counted (read, invalid, duplicates).
-        let counted = matches!(job.source, JobSource::Upload { prepared: true, .. });
+        let counted = matches!(
+            job.source,
+            JobSource::Upload {
+                prepared: Some(_),
+                ..
+            }
+        );
         let mut reader = match &job.source {
             JobSource::Upload {
-                path, format, column, ..
+                prepared: Some(list), ..
             } => {
                 let skip = job
                     .cursor
@@ -299,12 +319,15 @@ impl BulkRunner {
                     .map_or(Ok(0), str::parse::<u64>)
                     .unwrap_or(0);
                 source::read_upload(
-                    path.clone(),
-                    *format,
-                    column.clone(),
+                    list.path.clone(),
+                    super::UploadFormat::Lines,
+                    None,
                     skip,
                     self.settings.chunk_rows,
                 )
+            }
+            JobSource::Upload { prepared: None, .. } => {
+                return Ok(Ending::Failed("the upload was not prepared".into()));
             }
             JobSource::Table(table) => {
                 let Some(db) = self.source_db(table.database).await? else {
@@ -359,9 +382,7 @@ impl BulkRunner {
                 bytes_read: piece.progress,
                 invalid_lines,
             };
-            let outcome = self
-                .commit_chunk(&actor, &handle.bulk_fence, job, users, totals, &chunk)
-                .await?;
+            let outcome = self.commit_chunk(&actor, job, users, totals, &chunk).await?;
             match outcome {
                 Some((totals, exhausted)) => {
                     job.totals = totals;
@@ -423,14 +444,12 @@ impl BulkRunner {
         let room = MAX_INVALID_KEPT.saturating_sub(job.invalid_lines.len());
         job.invalid_lines
             .extend(prepared.invalid_kept.into_iter().take(room));
-        job.source = JobSource::Upload {
-            path: prepared.sorted,
-            format: super::UploadFormat::Lines,
-            column: None,
-            bytes: prepared.sorted_bytes,
-            owned: true,
-            prepared: true,
-        };
+        if let JobSource::Upload { prepared: list, .. } = &mut job.source {
+            *list = Some(super::PreparedList {
+                path: prepared.sorted.clone(),
+                bytes: prepared.sorted_bytes,
+            });
+        }
         job.cursor = None;
         job.bytes_total = Some(prepared.sorted_bytes);
         job.bytes_read = 0;
@@ -455,7 +474,6 @@ impl BulkRunner {
     async fn commit_chunk(
         &self,
         actor: &Addr<EventActor>,
-        fence: &tokio::sync::Mutex<()>,
         job: &Job,
         users: Vec<UserId>,
         totals: Totals,
@@ -464,8 +482,6 @@ impl BulkRunner {
         let invalid_json = serde_json::to_string(&chunk.invalid_lines).context("encoding invalid lines")?;
         for attempt in 1..=CHUNK_ATTEMPTS {
             let outcome = {
-                // Held until the actor has been told the outcome (see `BulkBegin`).
-                let _fence = fence.lock().await;
                 let asked = Instant::now();
                 let grant = match actor.send(BulkBegin(users.clone())).await {
                     Ok(Ok(grant)) => Ok(grant),
@@ -474,12 +490,12 @@ impl BulkRunner {
                 };
                 match grant {
                     Err(error) => Err(error),
-                    Ok(grant) => {
+                    Ok(mut grant) => {
+                        // Held until the actor has been told the outcome (see `BulkBegin`).
+                        let _fence = grant.fence.take();
                         let epoch = grant.epoch;
                         let granted = asked.elapsed();
-                        let attempt = self
-                            .insert_chunk(actor, job, grant, &totals, chunk, &invalid_json)
-                            .await;
+                        let attempt = self.insert_chunk(job, grant, &totals, chunk, &invalid_json).await;
                         actor.do_send(BulkEnd {
                             epoch,
                             inserted: attempt.as_ref().ok().map(|a| a.inserted),
@@ -535,11 +551,10 @@ impl BulkRunner {
     }
 
     /// The chunk's transaction. Units the actor granted to users who turn out to hold a grant
-    /// already are offered, in the same transaction, to users left unissued for lack of stock,
-    /// so the stock boundary is exact too.
+    /// already go, in the same transaction, to users left unissued for lack of stock, so the
+    /// stock boundary is exact too.
     async fn insert_chunk(
         &self,
-        actor: &Addr<EventActor>,
         job: &Job,
         grant: BulkGrant,
         before: &Totals,
@@ -561,20 +576,16 @@ impl BulkRunner {
             .insert(event, job.id, &grant.insert)
             .await
             .context("inserting grants")?;
-        let mut held = grant.held;
+        let held = grant.held;
         let mut unissued = grant.unissued;
+        // Units granted to users who held a grant already are spare: they go to the users the
+        // actor left unissued (already in the chunk, so their live claims wait too).
         while inserted < units && !unissued.is_empty() {
             let spare = usize::try_from(units - inserted).unwrap_or(usize::MAX);
             let offered: Vec<UserId> = unissued.drain(..spare.min(unissued.len())).collect();
-            let extension = actor
-                .send(BulkExtend(offered))
-                .await
-                .map_err(|e| anyhow!("the event actor is unreachable: {e}"))?
-                .map_err(|refusal| anyhow!("the event actor refused more grants: {refusal}"))?;
-            held += extension.held;
-            attempted += extension.insert.len() as u64;
+            attempted += offered.len() as u64;
             inserted += txn
-                .insert(event, job.id, &extension.insert)
+                .insert(event, job.id, &offered)
                 .await
                 .context("inserting grants")?;
         }

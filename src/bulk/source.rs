@@ -7,7 +7,9 @@
 //!   last target consumed.
 //! - **Tables** (`{"table": …, "column": …}`): pages in column order (`WHERE column > last`), so
 //!   the cursor is the last value read and a page costs one index range scan when the column is
-//!   indexed (a primary or unique key is what a segment table normally has).
+//!   indexed (a primary or unique key is what a segment table normally has). A repeated value is
+//!   read as often as it appears, even across a page edge (the cursor counts how many rows of
+//!   the last value were read).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -63,18 +65,38 @@ pub enum KeyKind {
     Text,
 }
 
-/// A table column holding user ids.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A table column holding user ids, as a client names it.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TableSource {
+pub struct TableSpec {
     /// `table` or `schema.table`.
     pub table: String,
     pub column: String,
     #[serde(default)]
     pub database: SourceDatabase,
-    /// Found at submission; not part of the request.
-    #[serde(default, skip_deserializing)]
+}
+
+/// A table column holding user ids, as checked at submission and stored with the job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSource {
+    pub table: String,
+    pub column: String,
+    #[serde(default)]
+    pub database: SourceDatabase,
+    /// How its values compare, found at submission.
+    #[serde(default)]
     pub key: KeyKind,
+}
+
+impl From<TableSpec> for TableSource {
+    fn from(spec: TableSpec) -> Self {
+        Self {
+            table: spec.table,
+            column: spec.column,
+            database: spec.database,
+            key: KeyKind::default(),
+        }
+    }
 }
 
 /// The next targets, in source order.
@@ -332,8 +354,10 @@ fn quoted_name(backend: DatabaseBackend, name: &str) -> Result<String, String> {
                 "{part:?} is not a plain identifier (letters, digits and _, not starting with a digit)"
             ));
         }
+        // why backticks on SQLite too: there a double-quoted name that matches no column is
+        // read as a string literal, so an unknown column would "work" and yield its own name.
         quoted.push(match backend {
-            DatabaseBackend::MySql => format!("`{part}`"),
+            DatabaseBackend::MySql | DatabaseBackend::Sqlite => format!("`{part}`"),
             _ => format!("\"{part}\""),
         });
     }
@@ -443,50 +467,91 @@ impl TableReader {
         } else {
             "?"
         };
-        let (column, table, page) = (&self.column, &self.table, self.page);
+        let resume = self.cursor.as_deref().map(TableCursor::parse).transpose()?;
+        // Rows equal to the last value read were counted already; the page starts at that value
+        // (not after it) so that repeats of it on the far side of the page edge are read too.
+        let seen = resume.as_ref().map_or(0, |c| c.equal);
+        let limit = self.page as u64 + seen;
+        let (column, table) = (&self.column, &self.table);
         let mut values: Vec<sea_orm::Value> = Vec::new();
-        let after = match &self.cursor {
+        let from = match &resume {
             None => String::new(),
-            Some(last) => {
+            Some(cursor) => {
                 values.push(match self.key {
-                    KeyKind::Integer => last.parse::<i64>().context("a job's integer cursor")?.into(),
-                    KeyKind::Text => last.clone().into(),
+                    KeyKind::Integer => cursor
+                        .after
+                        .parse::<i64>()
+                        .context("a job's integer cursor")?
+                        .into(),
+                    KeyKind::Text => cursor.after.clone().into(),
                 });
-                format!("AND {column} > {placeholder}")
+                format!("AND {column} >= {placeholder}")
             }
         };
         let sql = format!(
-            "SELECT {column} AS v FROM {table} WHERE {column} IS NOT NULL {after} ORDER BY {column} LIMIT {page}"
+            "SELECT {column} AS v FROM {table} WHERE {column} IS NOT NULL {from} ORDER BY {column} LIMIT {limit}"
         );
         let rows = self
             .db
             .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
             .await
             .context("reading the source table")?;
-        if rows.len() < page {
+        if (rows.len() as u64) < limit {
             self.done = true;
         }
-        if rows.is_empty() {
-            return Ok(None);
-        }
         let mut piece = Piece::default();
-        for row in rows {
-            self.rows += 1;
+        let mut last = resume.map(|c| (c.after, c.equal));
+        for (i, row) in rows.into_iter().enumerate() {
             let value = match self.key {
                 KeyKind::Integer => row.try_get::<i64>("", "v").map(|v| v.to_string()),
                 KeyKind::Text => row.try_get::<String>("", "v"),
             }
             .context("reading a source value")?;
+            if (i as u64) < seen {
+                continue;
+            }
+            self.rows += 1;
             match target(value.as_bytes()) {
                 Ok(Some(user)) => piece.users.push(user),
                 Ok(None) => piece.invalid_line(self.rows, "the value is empty".into()),
                 Err(reason) => piece.invalid_line(self.rows, reason),
             }
-            self.cursor = Some(value);
+            last = match last {
+                Some((after, equal)) if after == value => Some((after, equal + 1)),
+                _ => Some((value, 1)),
+            };
         }
-        piece.cursor = self.cursor.clone().unwrap_or_default();
+        if piece.read() == 0 {
+            self.done = true;
+            return Ok(None);
+        }
+        if let Some((after, equal)) = last {
+            let cursor = TableCursor { after, equal }.to_string();
+            self.cursor = Some(cursor.clone());
+            piece.cursor = cursor;
+        }
         piece.progress = self.rows;
         Ok(Some(piece))
+    }
+}
+
+/// Where a table source stands: the last value read, and how many rows with that value were
+/// read (a column may repeat a value; the repeats are targets too, skipped as duplicates).
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct TableCursor {
+    after: String,
+    equal: u64,
+}
+
+impl TableCursor {
+    fn parse(raw: &str) -> anyhow::Result<Self> {
+        serde_json::from_str(raw).with_context(|| format!("reading a table cursor {raw:?}"))
+    }
+}
+
+impl std::fmt::Display for TableCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&serde_json::to_string(self).map_err(|_| std::fmt::Error)?)
     }
 }
 
@@ -582,6 +647,10 @@ mod tests {
             Ok("\"crm\".\"segment\"")
         );
         assert_eq!(quoted_name(DatabaseBackend::MySql, "t_1").as_deref(), Ok("`t_1`"));
+        assert_eq!(
+            quoted_name(DatabaseBackend::Sqlite, "t_1").as_deref(),
+            Ok("`t_1`")
+        );
         assert!(quoted_name(DatabaseBackend::Sqlite, "t; DROP TABLE events").is_err());
         assert!(quoted_name(DatabaseBackend::Sqlite, "a.b.c").is_err());
         assert!(quoted_name(DatabaseBackend::Sqlite, "1t").is_err());

@@ -45,17 +45,18 @@ const SQLITE_INSERT: &str = "INSERT INTO bulk_grants (event_id, user_id, job_id,
 /// why `NOT EXISTS` rather than `ON CONFLICT DO NOTHING`: measured on 1M sorted ids, PostgreSQL's
 /// speculative insertion took 4.0 s, an anti-join (one index probe per id) then a plain insert
 /// 2.0 s. It is safe because nobody else inserts grants meanwhile: one job runs at a time per
-/// database (the runner lock), and a job's targets are distinct (a prepared upload has no
-/// duplicates, a table is read in strictly increasing order). Should that ever not hold, the
-/// primary key turns the duplicate into an error and the chunk rolls back.
+/// database (the runner lock), and one chunk never holds a user twice (a prepared upload has no
+/// duplicates; the runner drops repeats within a chunk, and a repeat in a later chunk finds the
+/// earlier one committed). Should that ever not hold, the primary key turns the duplicate into
+/// an error and the chunk rolls back.
 const POSTGRES_INSERT: &str = "INSERT INTO bulk_grants (event_id, user_id, job_id, status, created_at) \
     SELECT $1, t.u, $2, 'issued', $3 FROM UNNEST($4::text[]) AS t(u) \
     WHERE NOT EXISTS (SELECT 1 FROM bulk_grants g WHERE g.event_id = $1 AND g.user_id = t.u)";
 const COUNT_SQL: &str = "UPDATE events SET bulk_issued = bulk_issued + ? WHERE id = ?";
 const POSTGRES_COUNT_SQL: &str = "UPDATE events SET bulk_issued = bulk_issued + $1 WHERE id = $2";
-const PROGRESS_SQL: &str = "UPDATE bulk_jobs SET cursor = ?, read_count = ?, issued = ?, skipped = ?, \
+const PROGRESS_SQL: &str = "UPDATE bulk_jobs SET resume_at = ?, read_count = ?, issued = ?, skipped = ?, \
     invalid = ?, unissued = ?, bytes_read = ?, invalid_lines = ?, stock_exhausted = ?, updated_at = ? WHERE id = ?";
-const POSTGRES_PROGRESS_SQL: &str = "UPDATE bulk_jobs SET cursor = $1, read_count = $2, issued = $3, \
+const POSTGRES_PROGRESS_SQL: &str = "UPDATE bulk_jobs SET resume_at = $1, read_count = $2, issued = $3, \
     skipped = $4, invalid = $5, unissued = $6, bytes_read = $7, invalid_lines = $8, stock_exhausted = $9, \
     updated_at = $10 WHERE id = $11";
 

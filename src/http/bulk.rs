@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use super::docs::Problem;
 use super::extract::{Admin, event_id, required_json_body};
 use super::{AppState, json, resource};
-use crate::bulk::source::{TableRefusal, check_table};
+use crate::bulk::source::{TableRefusal, TableSpec, check_table};
 use crate::bulk::{self, CancelOutcome, JobSource, JobState, TableSource, UploadFormat};
 use crate::domain::{EventId, EventKind};
 use crate::error::{ApiError, Code};
@@ -37,7 +37,7 @@ pub(super) struct SubmitQuery {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TableRequest {
-    source: TableSource,
+    source: TableSpec,
 }
 
 fn invalid(detail: impl Into<std::borrow::Cow<'static, str>>) -> ApiError {
@@ -145,7 +145,7 @@ async fn table_source(
     state: &AppState,
 ) -> Result<JobSource, ApiError> {
     let request: TableRequest = required_json_body(req, payload, state.body_limit).await?;
-    let mut table = request.source;
+    let mut table = TableSource::from(request.source);
     let db = state
         .bulk
         .source_db(table.database)
@@ -226,7 +226,7 @@ async fn store_upload(
         column,
         bytes,
         owned: true,
-        prepared: false,
+        prepared: None,
     })
 }
 
