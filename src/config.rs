@@ -184,6 +184,34 @@ pub struct Overrides {
     #[arg(long, env = "FIRSTCOME_NODE_ID")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+    /// Bulk issuance: directory where uploaded target lists are stored until their job ends
+    /// [default: `bulk` beside the SQLite file, else ./data/bulk].
+    #[arg(long, env = "FIRSTCOME_BULK_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_dir: Option<PathBuf>,
+    /// Bulk issuance: largest accepted upload, in bytes; larger gets 413 [default: 4294967296].
+    #[arg(long, env = "FIRSTCOME_BULK_MAX_UPLOAD_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_max_upload_bytes: Option<u64>,
+    /// Bulk issuance: targets per committed chunk [default: 10000 on SQLite, 50000 otherwise].
+    #[arg(long, env = "FIRSTCOME_BULK_CHUNK_ROWS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_chunk_rows: Option<usize>,
+    /// Bulk issuance: seconds between `job.progress` webhooks and log lines [default: 10].
+    #[arg(long, env = "FIRSTCOME_BULK_PROGRESS_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_progress_secs: Option<u64>,
+    /// Bulk issuance: a read-only database that `{"source": {"database": "source", …}}` reads
+    /// target tables from [default: none].
+    #[arg(long, env = "FIRSTCOME_BULK_SOURCE_URL", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_source_url: Option<String>,
+    /// Bulk issuance: where job events go, repeatable (comma-separated in the environment):
+    /// `URL` or `json=URL` for a generic JSON POST, `slack=URL` for a Slack-compatible one
+    /// [default: none].
+    #[arg(long = "bulk-webhook", env = "FIRSTCOME_BULK_WEBHOOKS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_webhooks: Option<Vec<String>>,
 }
 
 /// How the caller of a user route is identified.
@@ -237,6 +265,12 @@ pub struct Settings {
     pub redis_timeout_ms: u64,
     pub reconcile_after_secs: u64,
     pub node_id: Option<String>,
+    pub bulk_dir: Option<PathBuf>,
+    pub bulk_max_upload_bytes: u64,
+    pub bulk_chunk_rows: Option<usize>,
+    pub bulk_progress_secs: u64,
+    pub bulk_source_url: Option<String>,
+    pub bulk_webhooks: Vec<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -279,6 +313,19 @@ impl std::fmt::Debug for Settings {
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("reconcile_after_secs", &self.reconcile_after_secs)
             .field("node_id", &self.node_id)
+            .field("bulk_dir", &self.bulk_dir)
+            .field("bulk_max_upload_bytes", &self.bulk_max_upload_bytes)
+            .field("bulk_chunk_rows", &self.bulk_chunk_rows)
+            .field("bulk_progress_secs", &self.bulk_progress_secs)
+            .field(
+                "bulk_source_url",
+                &self.bulk_source_url.as_deref().map(redact_password),
+            )
+            // Webhook URLs often carry a secret (Slack's do): only their number is logged.
+            .field(
+                "bulk_webhooks",
+                &format_args!("<{} set>", self.bulk_webhooks.len()),
+            )
             .finish()
     }
 }
@@ -332,6 +379,12 @@ impl Default for Settings {
             redis_timeout_ms: 1000,
             reconcile_after_secs: 30,
             node_id: None,
+            bulk_dir: None,
+            bulk_max_upload_bytes: 4 << 30,
+            bulk_chunk_rows: None,
+            bulk_progress_secs: 10,
+            bulk_source_url: None,
+            bulk_webhooks: Vec::new(),
         }
     }
 }
@@ -366,6 +419,23 @@ impl Settings {
             );
         }
         Ok(settings)
+    }
+
+    /// Where bulk uploads are stored: the configured directory, or `bulk` beside the SQLite
+    /// database file, or `./data/bulk`.
+    pub fn bulk_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.bulk_dir {
+            return dir.clone();
+        }
+        let sqlite_file = self
+            .database_url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.database_url.strip_prefix("sqlite:"))
+            .map(|rest| rest.split('?').next().unwrap_or(rest));
+        match sqlite_file.map(std::path::Path::new).and_then(|f| f.parent()) {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.join("bulk"),
+            _ => PathBuf::from("data/bulk"),
+        }
     }
 }
 

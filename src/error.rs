@@ -46,6 +46,7 @@ error_codes! {
     NotFound => NOT_FOUND, "not_found", "No such resource";
     EventNotFound => NOT_FOUND, "event_not_found", "No such event";
     ReservationNotFound => NOT_FOUND, "reservation_not_found", "No such reservation";
+    JobNotFound => NOT_FOUND, "job_not_found", "No such bulk job";
     OriginNotAllowed => FORBIDDEN, "origin_not_allowed", "This Origin may not open a WebSocket";
     UpgradeRequired => UPGRADE_REQUIRED, "upgrade_required", "This route needs a WebSocket upgrade";
     MethodNotAllowed => METHOD_NOT_ALLOWED, "method_not_allowed", "This method is not allowed here";
@@ -57,11 +58,13 @@ error_codes! {
     HoldExpired => CONFLICT, "hold_expired", "The hold has expired";
     InvalidState => CONFLICT, "invalid_state", "The reservation is not in a state that allows this";
     IdempotencyInFlight => CONFLICT, "idempotency_in_flight", "A request with this Idempotency-Key is still in progress";
+    BulkUnsupported => CONFLICT, "bulk_unsupported", "Bulk issuance is not available on this deployment";
     PayloadTooLarge => PAYLOAD_TOO_LARGE, "payload_too_large", "The body is too large";
     UnsupportedMediaType => UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "The body must be application/json";
     InvalidBody => UNPROCESSABLE_ENTITY, "invalid_body", "The body does not have the expected shape";
     InvalidQuantity => UNPROCESSABLE_ENTITY, "invalid_quantity", "The quantity is not allowed";
     InvalidEvent => UNPROCESSABLE_ENTITY, "invalid_event", "The event settings are not valid";
+    InvalidBulkIssue => UNPROCESSABLE_ENTITY, "invalid_bulk_issue", "The bulk issue cannot be run as asked";
     IdempotencyKeyReused => UNPROCESSABLE_ENTITY, "idempotency_key_reused", "This Idempotency-Key was used with a different request";
     RateLimited => TOO_MANY_REQUESTS, "rate_limited", "Too many requests";
     Unavailable => SERVICE_UNAVAILABLE, "unavailable", "The service cannot commit right now";

@@ -38,6 +38,7 @@
 //! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring.
 
 pub mod actors;
+pub mod bulk;
 pub mod cluster;
 pub mod config;
 pub mod domain;

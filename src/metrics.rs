@@ -45,6 +45,10 @@ pub const LEDGER_REBUILDS: &str = "firstcome_ledger_rebuilds_total";
 /// Counter: silent allocations reconciled, by `outcome` (`released`, `kept`).
 pub const RECONCILED: &str = "firstcome_reconciled_total";
 
+/// Counter: bulk-job webhook deliveries by `outcome` (`delivered`, `retried` per failed attempt
+/// that will be retried, `failed` per event given up).
+pub const WEBHOOK_DELIVERIES_TOTAL: &str = "firstcome_webhook_deliveries_total";
+
 /// Latency buckets in seconds: the hot path lives between 1 and 50 ms.
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -140,5 +144,9 @@ fn describe() {
     describe_counter!(
         SHED_TOTAL,
         "Requests shed with 503 because an event actor's queue was full"
+    );
+    describe_counter!(
+        WEBHOOK_DELIVERIES_TOTAL,
+        "Bulk-job webhook deliveries by outcome (delivered, retried, failed)"
     );
 }

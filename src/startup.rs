@@ -13,6 +13,7 @@ use anyhow::Context;
 
 use crate::actors::persister::WriteAndWait;
 use crate::actors::{LiveHub, LiveSettings, Persister, PersisterStats, Registry};
+use crate::bulk::webhook::{Notifier, RetryPolicy, WebhookTarget};
 use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::http::auth::Authenticator;
@@ -108,7 +109,24 @@ impl Application {
             limits
         });
 
+        let webhooks = settings
+            .bulk_webhooks
+            .iter()
+            .map(|spec| spec.parse::<WebhookTarget>().context("reading --bulk-webhook"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let notifier = Notifier::new(webhooks, RetryPolicy::default())?;
+        let bulk = crate::bulk::BulkRunner::new(
+            db.clone(),
+            backend,
+            registry.clone(),
+            crate::bulk::BulkSettings::from_settings(&settings, backend),
+            notifier,
+            cluster.is_some(),
+        );
+        bulk.spawn();
+
         let state = web::Data::new(AppState {
+            bulk,
             registry: registry.clone(),
             db,
             auth,

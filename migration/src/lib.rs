@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261122_000001_create_events;
 mod m20261122_000002_create_reservations;
 mod m20261201_000003_ledger_generation;
+mod m20261201_000004_bulk_issuance;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_create_events::Migration),
             Box::new(m20261122_000002_create_reservations::Migration),
             Box::new(m20261201_000003_ledger_generation::Migration),
+            Box::new(m20261201_000004_bulk_issuance::Migration),
         ]
     }
 }

@@ -18,7 +18,7 @@
 //!   and a commit whose outcome is unknown is settled by what the database holds.
 //! - Refusals (sold out, closed, limit reached) are answered from memory, no database access.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet as StdHashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -41,11 +41,14 @@ use crate::store::{self, EventState, WriteOp};
 /// Maps keyed by client-chosen strings: foldhash is several times faster than SipHash and,
 /// seeded per process, still resists crafted collisions.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = StdHashSet<K, foldhash::fast::RandomState>;
 
 /// How often held tickets are checked for expiry; units come back within this plus one commit.
 const EXPIRY_TICK: Duration = Duration::from_millis(20);
 /// Wait before re-reading state after the database could not be read.
 const RELOAD_BACKOFF: Duration = Duration::from_secs(1);
+/// Most users looked up in one bulk-grant query (well under every backend's bind limit).
+const GRANT_CHECK_BATCH: usize = 1_000;
 
 /// Why an event actor refused a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -173,6 +176,49 @@ pub struct Listening;
 #[rtype(result = "Result<EventSnapshot, Refusal>")]
 pub struct UpdateEvent(pub EventPatch);
 
+/// A bulk job asks for units for a chunk of distinct users. The actor skips users who already
+/// hold the coupon, takes one unit for each of the others while stock lasts, and makes those
+/// users' live claims wait until [`BulkEnd`]. The job holds the event's bulk fence from before
+/// this message until after its `BulkEnd` is sent.
+#[derive(Message)]
+#[rtype(result = "Result<BulkGrant, Refusal>")]
+pub struct BulkBegin(pub Vec<UserId>);
+
+/// What a chunk may insert.
+#[derive(Debug, Default)]
+pub struct BulkGrant {
+    /// Users to insert grants for, one unit each already taken.
+    pub insert: Vec<UserId>,
+    /// Users skipped because they hold the coupon (a live reservation or a known grant).
+    pub held: u64,
+    /// Users left without a unit: stock ran out.
+    pub unissued: Vec<UserId>,
+    /// The actor's state generation, echoed in [`BulkEnd`].
+    pub epoch: u64,
+}
+
+/// The outcome of a chunk: `Some(inserted)` once its transaction committed (rows inserted; the
+/// rest of the granted users already held a grant, and their units go back), `None` if it
+/// rolled back (every unit goes back).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BulkEnd {
+    pub epoch: u64,
+    pub inserted: Option<u64>,
+}
+
+/// Inside a chunk's transaction: some granted users already held a grant, so units are spare;
+/// the job offers them to users that [`BulkBegin`] left unissued. The actor adds those who do
+/// not hold the coupon now to the chunk (their live claims wait too) and returns them.
+#[derive(Message)]
+#[rtype(result = "Result<BulkGrant, Refusal>")]
+pub struct BulkExtend(pub Vec<UserId>);
+
+/// Re-read the event's state from the database (after grants were revoked).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reload;
+
 /// What the HTTP edge reads to turn a request away without sending its event actor a message:
 /// the event is certainly sold out (published by the actor, its only writer), or the actor has
 /// as many requests queued as it may.
@@ -282,6 +328,20 @@ struct Ledger {
     /// Committed holds by expiry time.
     holds: BTreeSet<(DateTime<Utc>, ReservationId)>,
     keys: HashMap<(UserId, IdempotencyKey), KeyState>,
+    /// Units held by committed bulk grants (each grant is one unit).
+    bulk: u64,
+    /// Users whose bulk-grant status is known (`true`: they hold one). Only consulted while the
+    /// event has grants (`bulk > 0`); the grants themselves stay in the database.
+    grants: HashMap<UserId, bool>,
+    /// The bulk chunk being committed, if any: its units are taken, its users' claims wait.
+    chunk: Option<BulkChunk>,
+}
+
+/// A chunk of bulk grants between [`BulkBegin`] and [`BulkEnd`].
+struct BulkChunk {
+    users: HashSet<UserId>,
+    /// Units taken for it.
+    units: u64,
 }
 
 enum Phase {
@@ -328,6 +388,16 @@ pub struct EventActor {
     live: LivePublisher,
     /// Set while a coalesced live message or a window edge is waiting.
     live_timer: Option<SpawnHandle>,
+    /// Held by a bulk job from before a chunk is granted until its outcome is sent here; a
+    /// reload takes it before reading, so it never reads the counts while a chunk's units are
+    /// taken but not yet committed. Outlives restarts (the registry owns it).
+    bulk_fence: Arc<tokio::sync::Mutex<()>>,
+    /// Claims waiting for their user's bulk-grant status (a lookup, or a chunk in flight).
+    /// Kept across reloads and replayed once the state is back.
+    waiting: HashMap<UserId, Vec<Reserve>>,
+    /// Users to look up in the next bulk-grant query, and those in the query in flight.
+    to_check: Vec<UserId>,
+    checking: HashSet<UserId>,
 }
 
 impl EventActor {
@@ -338,8 +408,13 @@ impl EventActor {
         lifecycle: Arc<Lifecycle>,
         admission: Arc<Admission>,
         live: Arc<LiveChannel>,
+        bulk_fence: Arc<tokio::sync::Mutex<()>>,
     ) -> Self {
         Self {
+            bulk_fence,
+            waiting: HashMap::default(),
+            to_check: Vec::new(),
+            checking: HashSet::default(),
             id,
             db,
             persister,
@@ -368,9 +443,14 @@ impl EventActor {
         let barrier = self.persister.send(WriteAndWait(None));
         let db = self.db.clone();
         let id = self.id;
+        let fence = self.bulk_fence.clone();
+        // Lookups in flight belong to the old state; their users are looked up again.
+        self.checking.clear();
+        self.to_check.clear();
         let load = async move {
             // The barrier's own outcome does not matter: it only orders the read after the writes.
             let _ = barrier.await;
+            let _no_chunk_in_flight = fence.lock().await;
             store::load_event_state(&db, id).await
         };
         ctx.wait(
@@ -405,6 +485,10 @@ impl EventActor {
         }
         if is_ticket && self.expiry_timer.is_none() {
             self.expiry_timer = Some(ctx.run_interval(EXPIRY_TICK, |act, ctx| act.expire_due(ctx)));
+        }
+        let waiting: Vec<Reserve> = self.waiting.drain().flat_map(|(_, claims)| claims).collect();
+        for claim in waiting {
+            self.reserve(claim, ctx);
         }
     }
 
@@ -531,6 +615,19 @@ impl EventActor {
 
     fn reserve(&mut self, msg: Reserve, ctx: &mut Context<Self>) {
         let epoch = self.epoch;
+        if self.waiting.contains_key(&msg.user) {
+            // Behind this user's earlier claims, in order.
+            return self.defer(msg, ctx);
+        }
+        let ledger = match self.ledger() {
+            Ok(ledger) => ledger,
+            Err(refusal) => return answer(msg.reply, Err(refusal)),
+        };
+        if ledger.chunk.as_ref().is_some_and(|c| c.users.contains(&msg.user))
+            || (ledger.bulk > 0 && !ledger.grants.contains_key(&msg.user))
+        {
+            return self.defer(msg, ctx);
+        }
         let ledger = match self.ledger() {
             Ok(ledger) => ledger,
             Err(refusal) => return answer(msg.reply, Err(refusal)),
@@ -555,6 +652,183 @@ impl EventActor {
         };
         self.send_write(ctx, WriteOp::Insert(reservation), pending);
         self.publish();
+    }
+
+    /// Holds a claim until its user's bulk-grant status is known: looked up in the database, or
+    /// settled by the chunk in flight that contains the user.
+    fn defer(&mut self, msg: Reserve, ctx: &mut Context<Self>) {
+        let user = msg.user.clone();
+        self.waiting.entry(user.clone()).or_default().push(msg);
+        let needs_lookup = match &self.phase {
+            Phase::Ready(ledger) => {
+                ledger.bulk > 0
+                    && !ledger.grants.contains_key(&user)
+                    && !ledger.chunk.as_ref().is_some_and(|c| c.users.contains(&user))
+            }
+            _ => false,
+        };
+        if needs_lookup && !self.checking.contains(&user) && !self.to_check.contains(&user) {
+            self.to_check.push(user);
+            self.check_grants(ctx);
+        }
+    }
+
+    /// Looks up the queued users' bulk grants, one query at a time (the next batch gathers
+    /// while one is in flight, as writes do for the persister).
+    fn check_grants(&mut self, ctx: &mut Context<Self>) {
+        if !self.checking.is_empty() || self.to_check.is_empty() {
+            return;
+        }
+        let take = self.to_check.len().min(GRANT_CHECK_BATCH);
+        let batch: Vec<UserId> = self.to_check.drain(..take).collect();
+        self.checking.extend(batch.iter().cloned());
+        let (db, id, epoch) = (self.db.clone(), self.id, self.epoch);
+        let lookup = async move {
+            let found = store::granted_users(&db, id, &batch).await;
+            (batch, found)
+        };
+        ctx.spawn(lookup.into_actor(self).map(move |(batch, found), act, ctx| {
+            act.guarded(ctx, (), |act, ctx| act.grants_checked(epoch, batch, found, ctx));
+        }));
+    }
+
+    fn grants_checked(
+        &mut self,
+        epoch: u64,
+        batch: Vec<UserId>,
+        found: anyhow::Result<std::collections::HashSet<String>>,
+        ctx: &mut Context<Self>,
+    ) {
+        if epoch != self.epoch {
+            // A reload replays the waiting claims, which look their users up again.
+            return;
+        }
+        for user in &batch {
+            self.checking.remove(user);
+        }
+        match found {
+            Ok(found) => {
+                if let Phase::Ready(ledger) = &mut self.phase {
+                    for user in &batch {
+                        // A chunk that committed meanwhile already marked its users: keep that.
+                        let holds = found.contains(user.as_str());
+                        ledger.grants.entry(user.clone()).or_insert(holds);
+                    }
+                }
+                for user in batch {
+                    self.replay_waiting(&user, ctx);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(event = %self.id, error = format!("{error:#}"), "cannot look up bulk grants");
+                for user in batch {
+                    for claim in self.waiting.remove(&user).unwrap_or_default() {
+                        answer(claim.reply, Err(Refusal::Unavailable));
+                    }
+                }
+            }
+        }
+        self.check_grants(ctx);
+    }
+
+    /// Runs the claims that waited for `user`, unless they must wait longer.
+    fn replay_waiting(&mut self, user: &UserId, ctx: &mut Context<Self>) {
+        if self.checking.contains(user) || self.to_check.contains(user) {
+            return;
+        }
+        if let Phase::Ready(ledger) = &self.phase
+            && ledger.chunk.as_ref().is_some_and(|c| c.users.contains(user))
+        {
+            return;
+        }
+        for claim in self.waiting.remove(user).unwrap_or_default() {
+            self.reserve(claim, ctx);
+        }
+    }
+
+    fn bulk_begin(&mut self, users: Vec<UserId>) -> Result<BulkGrant, Refusal> {
+        let epoch = self.epoch;
+        let ledger = self.ledger()?;
+        if ledger.event.kind != EventKind::Coupon {
+            return Err(Refusal::InvalidState("bulk issuance is for coupons".into()));
+        }
+        if ledger.chunk.is_some() {
+            return Err(Refusal::InvalidState("a bulk chunk is already in flight".into()));
+        }
+        let mut grant = BulkGrant {
+            epoch,
+            ..BulkGrant::default()
+        };
+        let mut remaining = ledger.inventory().remaining();
+        for user in users {
+            let holds_live = ledger.per_user.get(&user).is_some_and(|&units| units > 0);
+            if holds_live || ledger.grants.get(&user) == Some(&true) {
+                grant.held += 1;
+            } else if remaining > 0 {
+                remaining -= 1;
+                grant.insert.push(user);
+            } else {
+                grant.unissued.push(user);
+            }
+        }
+        let units = grant.insert.len() as u64;
+        ledger.chunk = Some(BulkChunk {
+            users: grant.insert.iter().cloned().collect(),
+            units,
+        });
+        self.publish();
+        Ok(grant)
+    }
+
+    fn bulk_extend(&mut self, users: Vec<UserId>) -> Result<BulkGrant, Refusal> {
+        let epoch = self.epoch;
+        let ledger = self.ledger()?;
+        let Some(chunk) = ledger.chunk.as_mut() else {
+            return Err(Refusal::InvalidState("no bulk chunk is in flight".into()));
+        };
+        let mut grant = BulkGrant {
+            epoch,
+            ..BulkGrant::default()
+        };
+        for user in users {
+            let holds_live = ledger.per_user.get(&user).is_some_and(|&units| units > 0);
+            if holds_live || ledger.grants.get(&user) == Some(&true) {
+                grant.held += 1;
+            } else {
+                chunk.users.insert(user.clone());
+                grant.insert.push(user);
+            }
+        }
+        Ok(grant)
+    }
+
+    fn bulk_end(&mut self, msg: BulkEnd, ctx: &mut Context<Self>) {
+        if msg.epoch != self.epoch {
+            // The state was re-read after this chunk's outcome (the fence orders it so).
+            return;
+        }
+        let Phase::Ready(ledger) = &mut self.phase else {
+            return;
+        };
+        let Some(chunk) = ledger.chunk.take() else {
+            return;
+        };
+        if let Some(inserted) = msg.inserted {
+            ledger.bulk += inserted.min(chunk.units);
+            // Every user of a committed chunk holds a grant now (inserted, or held already).
+            for user in &chunk.users {
+                if ledger.grants.contains_key(user) || self.waiting.contains_key(user) {
+                    ledger.grants.insert(user.clone(), true);
+                }
+            }
+        }
+        for user in &chunk.users {
+            if self.waiting.contains_key(user) {
+                self.replay_waiting(user, ctx);
+            }
+        }
+        self.publish();
+        self.publish_live(ctx);
     }
 
     fn change(
@@ -698,6 +972,9 @@ impl Ledger {
             live: HashMap::default(),
             holds: BTreeSet::new(),
             keys: HashMap::default(),
+            bulk: state.bulk_issued,
+            grants: HashMap::default(),
+            chunk: None,
         };
         let mut overdue = Vec::new();
         for reservation in state.reservations {
@@ -735,12 +1012,17 @@ impl Ledger {
         (ledger, overdue)
     }
 
+    /// A bulk chunk in flight counts as sold: its units are promised.
     fn inventory(&self) -> Inventory {
         Inventory {
             stock: self.event.stock,
             held: self.held,
-            sold: self.sold,
+            sold: self.sold_units(),
         }
+    }
+
+    fn sold_units(&self) -> u64 {
+        self.sold + self.bulk + self.chunk.as_ref().map_or(0, |c| c.units)
     }
 
     fn snapshot(&self, now: DateTime<Utc>) -> EventSnapshot {
@@ -749,7 +1031,7 @@ impl Ledger {
             event: self.event.clone(),
             remaining: inventory.remaining(),
             held: self.held,
-            sold: self.sold,
+            sold: inventory.sold,
             status: self.event.status(inventory, now),
         }
     }
@@ -802,7 +1084,8 @@ impl Ledger {
                 max: self.event.max_per_request,
             });
         }
-        let active = self.per_user.get(&msg.user).copied().unwrap_or(0);
+        let granted = u32::from(self.grants.get(&msg.user) == Some(&true));
+        let active = self.per_user.get(&msg.user).copied().unwrap_or(0) + granted;
         if active + quantity > self.event.per_user_limit {
             return Err(Refusal::LimitReached {
                 limit: self.event.per_user_limit,
@@ -1009,6 +1292,38 @@ impl Handler<UpdateEvent> for EventActor {
     }
 }
 
+impl Handler<BulkBegin> for EventActor {
+    type Result = Result<BulkGrant, Refusal>;
+
+    fn handle(&mut self, msg: BulkBegin, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, Err(Refusal::Unavailable), |act, _| act.bulk_begin(msg.0))
+    }
+}
+
+impl Handler<BulkExtend> for EventActor {
+    type Result = Result<BulkGrant, Refusal>;
+
+    fn handle(&mut self, msg: BulkExtend, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, Err(Refusal::Unavailable), |act, _| act.bulk_extend(msg.0))
+    }
+}
+
+impl Handler<BulkEnd> for EventActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: BulkEnd, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |act, ctx| act.bulk_end(msg, ctx));
+    }
+}
+
+impl Handler<Reload> for EventActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Reload, ctx: &mut Context<Self>) {
+        self.reload(ctx);
+    }
+}
+
 #[cfg(test)]
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -1067,6 +1382,7 @@ mod tests {
                     lifecycle,
                     Arc::new(Admission::new(64)),
                     LiveHub::new(LiveSettings::default()).channel(event.id),
+                    Arc::default(),
                 )
             })
         };

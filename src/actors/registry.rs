@@ -27,6 +27,8 @@ pub struct EventHandle {
     pub admission: Arc<Admission>,
     /// The event's live broadcaster, for WebSocket sessions to subscribe to.
     pub live: Arc<LiveChannel>,
+    /// Held by a bulk job across each chunk (see [`super::event::BulkBegin`]).
+    pub bulk_fence: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The event's actor: an [`EventActor`] on one node, a [`ClusterEventActor`] with several. Both
@@ -39,6 +41,14 @@ pub enum EventAddr {
 }
 
 impl EventAddr {
+    /// The single-node actor; bulk issuance talks to it directly.
+    pub fn local(&self) -> Option<&Addr<EventActor>> {
+        match self {
+            EventAddr::Local(addr) => Some(addr),
+            EventAddr::Cluster(_) => None,
+        }
+    }
+
     pub fn try_send<M>(&self, msg: M) -> Result<(), SendError<M>>
     where
         M: Message + Send + 'static,
@@ -172,6 +182,8 @@ impl Registry {
         };
         let admission = Arc::new(Admission::new(self.mailbox_capacity));
         let live = self.live.channel(id);
+        let bulk_fence = Arc::new(tokio::sync::Mutex::new(()));
+        let actor_fence = bulk_fence.clone();
         let (db, persister, lifecycle, actor_admission, actor_live) = (
             self.db.clone(),
             self.persister.clone(),
@@ -182,7 +194,15 @@ impl Registry {
         let handle = match &self.cluster {
             None => {
                 let start = move |_: &mut Context<EventActor>| {
-                    EventActor::new(id, db, persister, lifecycle, actor_admission, actor_live)
+                    EventActor::new(
+                        id,
+                        db,
+                        persister,
+                        lifecycle,
+                        actor_admission,
+                        actor_live,
+                        actor_fence,
+                    )
                 };
                 let addr = match arbiter {
                     Some(arbiter) => Supervisor::start_in_arbiter(&arbiter, start),
@@ -192,6 +212,7 @@ impl Registry {
                     actor: EventAddr::Local(addr),
                     admission,
                     live,
+                    bulk_fence,
                 }
             }
             Some(cluster) => {
@@ -207,6 +228,7 @@ impl Registry {
                     actor: EventAddr::Cluster(addr),
                     admission,
                     live,
+                    bulk_fence,
                 }
             }
         };

@@ -8,7 +8,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, Secur
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, events, health, live, observe, reservations};
+use super::{admin, bulk, events, health, live, observe, reservations};
 use crate::actors::EventSnapshot;
 use crate::domain::{Event, EventKind, EventPatch, EventSpec, EventStatus, Reservation, ReservationStatus};
 
@@ -35,6 +35,7 @@ pub struct Problem {
         reservations::reserve, reservations::read, reservations::confirm, reservations::cancel,
         reservations::mine,
         admin::stats,
+        bulk::submit, bulk::list, bulk::read, bulk::cancel, bulk::revoke,
     ),
     components(schemas(
         Problem, Event, EventSnapshot, EventSpec, EventPatch, EventKind, EventStatus, Reservation,

@@ -7,6 +7,7 @@
 
 mod admin;
 pub mod auth;
+mod bulk;
 pub mod docs;
 mod events;
 mod extract;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub rate_limits: Option<Arc<rate_limit::RateLimits>>,
     /// Several nodes: the shared Redis ledger (`None` on one node).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Bulk issuance: settings, the job queue's wake-up, revocation.
+    pub bulk: Arc<crate::bulk::BulkRunner>,
 }
 
 /// Registers every route.
@@ -48,6 +51,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     events::configure(cfg);
     reservations::configure(cfg);
     admin::configure(cfg);
+    bulk::configure(cfg);
     observe::configure(cfg);
     docs::configure(cfg);
     live::configure(cfg);

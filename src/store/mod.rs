@@ -12,6 +12,6 @@ pub use batch::{WriteOp, apply_batch};
 pub use connect::{Backend, connect, migrate};
 pub use fenced::{Rebuild, Recorded, Tombstone, ledger_generation, settle, transition};
 pub use queries::{
-    EventState, create_event, events_with_holds, find_event, find_reservation, list_user_reservations,
-    load_event_state, ping,
+    EventState, create_event, events_with_holds, find_event, find_reservation, granted_users,
+    list_user_reservations, load_event_state, ping,
 };

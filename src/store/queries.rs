@@ -3,9 +3,11 @@
 
 use anyhow::Context;
 use entity::{events, reservations};
+use std::collections::HashSet;
+
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait,
-    IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, DatabaseConnection,
+    EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect, Statement,
 };
 
 use super::convert::{event_from_row, event_to_row, reservation_from_row};
@@ -38,6 +40,8 @@ pub struct EventState {
     /// Reservations still counting against stock, plus every one carrying an idempotency key
     /// (so retries replay their first answer even after a cancel).
     pub reservations: Vec<Reservation>,
+    /// Active bulk grants (`events.bulk_issued`); each holds one unit.
+    pub bulk_issued: u64,
 }
 
 pub async fn load_event_state(db: &impl ConnectionTrait, id: EventId) -> anyhow::Result<Option<EventState>> {
@@ -67,7 +71,9 @@ pub async fn load_event_state(db: &impl ConnectionTrait, id: EventId) -> anyhow:
         .all(db)
         .await
         .with_context(|| format!("reading the reservations of event {id}"))?;
+    let bulk_issued = bulk_issued(db, id).await?;
     Ok(Some(EventState {
+        bulk_issued,
         event: event_from_row(row)?,
         reservations: rows
             .into_iter()
@@ -117,5 +123,62 @@ pub async fn list_user_reservations(
         .context("listing a user's reservations")?
         .into_iter()
         .map(reservation_from_row)
+        .collect()
+}
+
+/// The event's active bulk grants, kept on its row by every bulk chunk and revocation.
+async fn bulk_issued(db: &impl ConnectionTrait, id: EventId) -> anyhow::Result<u64> {
+    let backend = db.get_database_backend();
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            match backend {
+                DatabaseBackend::Postgres => "SELECT bulk_issued FROM events WHERE id = $1",
+                _ => "SELECT bulk_issued FROM events WHERE id = ?",
+            },
+            [id.get().into()],
+        ))
+        .await
+        .context("reading an event's bulk grant count")?;
+    let count: i64 = match row {
+        Some(row) => row.try_get("", "bulk_issued").context("reading bulk_issued")?,
+        None => 0,
+    };
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
+/// Which of `users` hold an active bulk grant for event `id`: one primary-key lookup each, in
+/// one statement.
+pub async fn granted_users(
+    db: &DatabaseConnection,
+    id: EventId,
+    users: &[UserId],
+) -> anyhow::Result<HashSet<String>> {
+    if users.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let backend = db.get_database_backend();
+    let placeholder = |n: usize| match backend {
+        DatabaseBackend::Postgres => format!("${n}"),
+        _ => "?".to_owned(),
+    };
+    let list: Vec<String> = (0..users.len()).map(|i| placeholder(i + 2)).collect();
+    let sql = format!(
+        "SELECT user_id FROM bulk_grants WHERE event_id = {} AND status = 'issued' AND user_id IN ({})",
+        placeholder(1),
+        list.join(", ")
+    );
+    let mut values: Vec<sea_orm::Value> = Vec::with_capacity(users.len() + 1);
+    values.push(id.get().into());
+    values.extend(users.iter().map(|u| u.as_str().to_owned().into()));
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await
+        .context("looking up bulk grants")?;
+    rows.into_iter()
+        .map(|row| {
+            row.try_get::<String>("", "user_id")
+                .context("reading a grant's user")
+        })
         .collect()
 }
