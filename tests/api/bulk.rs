@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 
 use crate::helpers::{
     ADMIN_TOKEN, Backend, Delivery, GrantRow, HookReceiver, Stampede, TestApp, TestDb, Totals, active_units,
-    assert_acknowledged_are_durable, exclusive_machine, file_body, gzip, mismatches, send, timestamp,
-    write_lines,
+    assert_acknowledged_are_durable, exclusive_machine, file_body, gzip, log_tail, mismatches, send,
+    timestamp, write_lines,
 };
 
 on_backends!(
@@ -65,7 +65,8 @@ async fn succeeded(app: &TestApp, job_id: i64, timeout: Duration) -> anyhow::Res
     let job = app.wait_job(job_id, timeout).await?;
     ensure!(
         job["state"] == "succeeded" && job["error"].is_null(),
-        "job {job_id} did not succeed: {job}"
+        "job {job_id} did not succeed: {job}\nthe server log ends with:\n{}",
+        log_tail(app.log_path(), 30)
     );
     Ok(job)
 }
@@ -574,7 +575,10 @@ async fn bad_submissions_are_refused_and_create_no_job(backend: Backend) -> anyh
         ),
         (
             "a wrong admin token",
-            upload(coupons, "", "text/plain", "ana\n").bearer_auth(&wrong),
+            anonymous(Method::POST, &format!("/v1/admin/events/{coupons}/bulk-issues"))
+                .bearer_auth(&wrong)
+                .header("content-type", "text/plain")
+                .body("ana\n"),
             403,
             "forbidden",
         ),
@@ -984,25 +988,28 @@ async fn segment_table(db: &TestDb, users: &[String]) -> anyhow::Result<()> {
 async fn a_table_in_the_servers_or_the_source_database_is_a_list_of_targets(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    // Arrange: a segment of 2,500 users (10 of them twice) in the server's database, and one of
-    // 700 others in a separate database given as --bulk-source-url.
+    // Arrange: a segment of 2,500 users in the server's database, 25 of them twice, and one of
+    // 700 others in a separate database given as --bulk-source-url. The table is read in chunks
+    // of 100 rows, and each repeated user is the 100th row of a chunk in column order (seg-0099,
+    // seg-0199, ...): its second row is the first of the next chunk.
     let source = TestDb::create(backend).await?;
     if let Some(path) = source.url.strip_prefix("sqlite://") {
         std::fs::File::create(path).with_context(|| format!("creating {path}"))?;
     }
     let outside = Stampede::users("crm", 700);
     segment_table(&source, &outside).await?;
-    let app = TestApp::spawn_with(backend, &["--bulk-source-url", &source.url]).await?;
+    let flags = ["--bulk-source-url", &source.url, "--bulk-chunk-rows", "100"];
+    let app = TestApp::spawn_with(backend, &flags).await?;
     let event = app.coupon_event(10_000, 1).await?;
-    let mut inside = Stampede::users("seg", 2_500);
-    inside.extend(Stampede::users("seg", 10));
+    let mut inside: Vec<String> = (0..2_500).map(|i| format!("seg-{i:04}")).collect();
+    inside.extend((0..25).map(|i| format!("seg-{:04}", i * 100 + 99)));
     segment_table(&app.db, &inside).await?;
 
     // Act
     let here = app
         .submit_table(event, json!({ "table": "segment", "column": "user_id" }))
         .await?;
-    let here_id = TestApp::accepted_job(&here)?;
+    let here_id = app.accepted_job(&here)?;
     let here_job = succeeded(&app, here_id, SMALL_JOB).await?;
     let there = app
         .submit_table(
@@ -1010,7 +1017,7 @@ async fn a_table_in_the_servers_or_the_source_database_is_a_list_of_targets(
             json!({ "table": "segment", "column": "user_id", "database": "source" }),
         )
         .await?;
-    let there_id = TestApp::accepted_job(&there)?;
+    let there_id = app.accepted_job(&there)?;
     let there_job = succeeded(&app, there_id, SMALL_JOB).await?;
 
     // Assert
@@ -1022,9 +1029,9 @@ async fn a_table_in_the_servers_or_the_source_database_is_a_list_of_targets(
     assert_eq!(
         Totals::of(&here_job)?,
         Totals {
-            read: 2_510,
+            read: 2_525,
             issued: 2_500,
-            skipped: 10,
+            skipped: 25,
             ..Totals::default()
         },
         "{here_job}"

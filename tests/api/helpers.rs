@@ -818,9 +818,12 @@ impl TestApp {
 
     /// The id of the job a submission created; fails unless it was accepted (202, a queued job
     /// and its `Location`).
-    pub fn accepted_job(reply: &Reply) -> anyhow::Result<i64> {
+    pub fn accepted_job(&self, reply: &Reply) -> anyhow::Result<i64> {
         if reply.status != StatusCode::ACCEPTED {
-            bail!("the bulk issue was not accepted: {reply}");
+            bail!(
+                "the bulk issue was not accepted: {reply}\nthe server log ends with:\n{}",
+                log_tail(&self.log, 30)
+            );
         }
         let id = reply.body["id"]
             .as_i64()
@@ -841,7 +844,7 @@ impl TestApp {
         body: impl Into<reqwest::Body>,
     ) -> anyhow::Result<i64> {
         let reply = self.submit_upload(event_id, content_type, query, body).await?;
-        TestApp::accepted_job(&reply)
+        self.accepted_job(&reply)
     }
 
     /// `GET /v1/admin/jobs/{id}`.
@@ -870,7 +873,10 @@ impl TestApp {
                 bail!("job {job_id} ended before the awaited moment: {reply}");
             }
             if Instant::now() > deadline {
-                bail!("job {job_id} was not there within {timeout:?}: {reply}");
+                bail!(
+                    "job {job_id} was not there within {timeout:?}: {reply}\nthe server log ends with:\n{}",
+                    log_tail(&self.log, 30)
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
