@@ -33,6 +33,8 @@ on_backends!(
         revoking_a_job_returns_its_units_and_leaves_other_jobs_grants_alone,
         a_finished_job_cannot_be_cancelled,
         jobs_are_listed_newest_first,
+        jobs_submitted_the_moment_their_event_is_created_run_to_the_end,
+        a_job_submitted_right_after_a_restart_runs_to_the_end,
     ],
     sqlite_and_postgres: [
         a_million_line_upload_grants_a_million_coupons,
@@ -52,6 +54,12 @@ const BIG_JOB: Duration = Duration::from_secs(900);
 const SMALL_CHUNKS: &str = "2000";
 /// The targets of the tests that kill or cancel a running job.
 const INTERRUPTED_TARGETS: usize = 200_000;
+/// How long a one-line job may take when it is the only thing the server does.
+const ONE_LINE_JOB: Duration = Duration::from_secs(20);
+/// How often the prompt-submission test submits a job the moment its event is created.
+const PROMPT_SUBMISSIONS: usize = 100;
+/// How often the restart test restarts the server and submits a job at once.
+const PROMPT_RESTARTS: usize = 5;
 /// How long after the job finished a webhook may arrive.
 const WEBHOOK_WAIT: Duration = Duration::from_secs(15);
 
@@ -737,6 +745,54 @@ async fn jobs_are_listed_newest_first(backend: Backend) -> anyhow::Result<()> {
     assert_eq!(all, [third, second, first]);
     assert_eq!(two_newest, [third, second]);
     assert_eq!(of_one, [third, first]);
+    Ok(())
+}
+
+async fn jobs_submitted_the_moment_their_event_is_created_run_to_the_end(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    // Arrange: an operator creates an event and submits its list at once, many times over, so
+    // the job meets an event whose state is still being read from the database.
+    let app = TestApp::spawn(backend).await?;
+
+    for i in 0..PROMPT_SUBMISSIONS {
+        let event = app.coupon_event(10, 1).await?;
+
+        // Act
+        let job_id = app
+            .submit_upload_ok(event, "text/plain", "", format!("fan-{i}\n"))
+            .await?;
+        let job = succeeded(&app, job_id, ONE_LINE_JOB).await;
+
+        // Assert
+        if let Err(error) = job {
+            panic!("submission {i}: the job of a just-created event did not run: {error:#}");
+        }
+        assert_eq!(app.counts(event).await?.sold, 1, "submission {i}");
+    }
+    Ok(())
+}
+
+async fn a_job_submitted_right_after_a_restart_runs_to_the_end(backend: Backend) -> anyhow::Result<()> {
+    // Arrange: the event exists, and nothing has touched it since the server restarted.
+    let mut app = TestApp::spawn(backend).await?;
+    let event = app.coupon_event(10, 1).await?;
+
+    for i in 0..PROMPT_RESTARTS {
+        app.restart().await?;
+
+        // Act
+        let job_id = app
+            .submit_upload_ok(event, "text/plain", "", format!("fan-{i}\n"))
+            .await?;
+        let job = succeeded(&app, job_id, ONE_LINE_JOB).await;
+
+        // Assert
+        if let Err(error) = job {
+            panic!("restart {i}: the job submitted right after it did not run: {error:#}");
+        }
+    }
+    assert_eq!(app.counts(event).await?.sold, i64::try_from(PROMPT_RESTARTS)?);
     Ok(())
 }
 
