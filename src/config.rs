@@ -29,6 +29,9 @@ pub enum Command {
     Serve(Overrides),
     /// Run database migrations and exit.
     Migrate(Overrides),
+    /// Give an event's coupon to every user in a list (a bulk issuance job), with a progress
+    /// bar: through a running server, or straight against a database.
+    Issue(crate::bulk::cli::IssueArgs),
 }
 
 /// Settings given on the command line or in the environment; unset ones fall through to the

@@ -1,5 +1,5 @@
-//! `firstcome serve` and `firstcome migrate`: parse the command line, then hand over to the
-//! library.
+//! `firstcome serve`, `firstcome migrate` and `firstcome issue`: parse the command line, then
+//! hand over to the library.
 
 use anyhow::Context;
 use clap::Parser;
@@ -34,6 +34,17 @@ async fn main() -> anyhow::Result<()> {
             store::migrate(&db).await?;
             tracing::info!("migrations applied");
             Ok(())
+        }
+        Command::Issue(args) => {
+            // Logs would tear the progress bar; RUST_LOG asks for them.
+            if std::env::var_os("RUST_LOG").is_some() {
+                telemetry::init(false);
+            }
+            if firstcome::bulk::cli::run(args).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
         }
     }
 }

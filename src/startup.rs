@@ -25,6 +25,8 @@ use crate::store::{self, Backend};
 /// Seconds actix-web gives connections to close once the drain is over (keep-alive ones close
 /// at once; nothing should still be running).
 const SERVER_STOP_TIMEOUT_SECS: u64 = 5;
+/// How long shutdown waits for bulk-job webhooks already sent to be delivered.
+const WEBHOOK_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long shutdown waits for live sockets to finish their close handshake.
 const LIVE_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -35,6 +37,7 @@ pub struct Application {
     persister: Addr<Persister>,
     shutdown_timeout: Duration,
     live: Arc<LiveHub>,
+    bulk: Arc<crate::bulk::BulkRunner>,
 }
 
 impl Application {
@@ -126,7 +129,7 @@ impl Application {
         bulk.spawn();
 
         let state = web::Data::new(AppState {
-            bulk,
+            bulk: bulk.clone(),
             registry: registry.clone(),
             db,
             auth,
@@ -187,6 +190,7 @@ impl Application {
             persister,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
             live,
+            bulk,
         })
     }
 
@@ -222,6 +226,9 @@ impl Application {
         // Whatever the actors decided without a request waiting (expiries) commits too.
         if let Err(error) = self.persister.send(WriteAndWait(None)).await {
             tracing::warn!(%error, "the persister stopped before the final barrier");
+        }
+        if !self.bulk.flush_webhooks(WEBHOOK_FLUSH_TIMEOUT).await {
+            tracing::warn!("bulk job webhooks still undelivered at shutdown");
         }
         if !self.live.drained(LIVE_CLOSE_TIMEOUT).await {
             tracing::warn!(open = self.live.sessions(), "live sockets still open at shutdown");

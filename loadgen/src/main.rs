@@ -116,6 +116,11 @@ struct RateArgs {
     /// Header for the probe requests `Name: value`; repeatable.
     #[arg(long = "probe-header", value_name = "NAME: VALUE")]
     probe_headers: Vec<String>,
+    /// Pace the load: this many requests per second over all connections, each connection on
+    /// its own schedule; latency then counts from the scheduled send, so a stalled server shows
+    /// (no coordinated omission). 0 sends each request as soon as the previous answer is read.
+    #[arg(long, default_value_t = 0.0)]
+    rps: f64,
 }
 
 #[derive(Debug, Args)]
@@ -494,12 +499,14 @@ async fn rate(args: RateArgs) -> anyhow::Result<Value> {
     let mut tasks = Vec::with_capacity(args.connections);
     for (idx, sender) in senders.into_iter().enumerate() {
         let template = template.clone();
+        let interval = (args.rps > 0.0).then(|| Duration::from_secs_f64(args.connections as f64 / args.rps));
         tasks.push(tokio::spawn(rate_connection(
             idx,
             sender,
             template,
             measure_from,
             end,
+            interval,
         )));
     }
 
@@ -538,6 +545,7 @@ async fn rate(args: RateArgs) -> anyhow::Result<Value> {
         json!(args.target.scenario.as_deref().unwrap_or("rate")),
     );
     out.insert("mode".into(), json!("rate"));
+    out.insert("rps_target".into(), json!(args.rps));
     out.insert("url".into(), json!(args.target.url));
     out.insert("method".into(), json!(template.method.as_str()));
     out.insert("connections".into(), json!(args.connections));
@@ -571,7 +579,10 @@ async fn rate_connection(
     template: Arc<Template>,
     measure_from: Instant,
     end: Instant,
+    interval: Option<Duration>,
 ) -> anyhow::Result<ConnTally> {
+    // Paced connections start spread over one interval, not all at once.
+    let mut next = interval.map(|i| Instant::now() + i.mul_f64(idx as f64 % 97.0 / 97.0));
     let mut tally = ConnTally {
         hist: histogram()?,
         status: BTreeMap::new(),
@@ -602,7 +613,18 @@ async fn rate_connection(
         };
         let req = template.build(idx, n)?;
         n += 1;
-        let started = Instant::now();
+        let started = match (next.as_mut(), interval) {
+            (Some(at), Some(every)) => {
+                tokio::time::sleep_until((*at).into()).await;
+                let scheduled = *at;
+                *at += every;
+                scheduled
+            }
+            _ => Instant::now(),
+        };
+        if started >= end {
+            break;
+        }
         let outcome = exchange(current, req).await;
         let done = Instant::now();
         let counted = started >= measure_from && done <= end;

@@ -23,6 +23,9 @@
 //! - **Fast.** One statement per chunk on each backend (see [`write`]); the runner reads the next
 //!   chunk while the actor and database handle the current one.
 
+pub mod cli;
+mod lock;
+mod prepare;
 pub mod runner;
 pub mod source;
 pub mod webhook;
@@ -42,6 +45,7 @@ use serde_json::json;
 
 use crate::domain::EventId;
 
+pub use lock::RunnerLock;
 pub use runner::{BulkRunner, BulkSettings};
 pub use source::{SourceDatabase, TableSource, UploadFormat};
 
@@ -97,6 +101,14 @@ pub enum JobSource {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         column: Option<String>,
         bytes: u64,
+        /// Stored by the server at submission, so removed when the job ends; `false` for a
+        /// file the command line ran a job on directly.
+        #[serde(default = "owned_by_server")]
+        owned: bool,
+        /// The file is the prepared list (validated, sorted, without duplicates; see
+        /// [`prepare`]), and the totals already count every line of the original.
+        #[serde(default)]
+        prepared: bool,
     },
     Table(TableSource),
 }
@@ -116,6 +128,10 @@ impl JobSource {
             }),
         }
     }
+}
+
+fn owned_by_server() -> bool {
+    true
 }
 
 /// How far a job got; also what each chunk commits.
@@ -197,6 +213,8 @@ impl Job {
             "totals": self.totals,
             "invalid_lines": self.invalid_lines,
             "stock_exhausted": self.stock_exhausted,
+            // Upload bytes (compressed, if gzip) or table rows: consumed by committed chunks, and in all.
+            "progress": {"done": self.bytes_read, "total": self.bytes_total},
             "cancel_requested": self.cancel_requested,
             "rate_per_second": self.rate(now).map(|r| (r * 10.0).round() / 10.0),
             "eta_seconds": self.eta_seconds(now),
@@ -451,6 +469,28 @@ pub(crate) async fn set_job_state(
     }
     row.update(db).await.context("updating a bulk job's state")?;
     find_job(db, job.id).await?.context("the bulk job vanished")
+}
+
+/// Records the end of an upload's prepare phase: the job now reads the prepared list, and its
+/// totals count every line of the original.
+pub(crate) async fn record_prepared(db: &DatabaseConnection, job: &Job) -> anyhow::Result<()> {
+    let row = bulk_jobs::ActiveModel {
+        id: ActiveValue::Unchanged(job.id),
+        source: ActiveValue::Set(serde_json::to_string(&job.source).context("encoding a job source")?),
+        cursor: ActiveValue::Set(None),
+        read_count: ActiveValue::Set(i64::try_from(job.totals.read).unwrap_or(i64::MAX)),
+        skipped: ActiveValue::Set(i64::try_from(job.totals.skipped).unwrap_or(i64::MAX)),
+        invalid: ActiveValue::Set(i64::try_from(job.totals.invalid).unwrap_or(i64::MAX)),
+        invalid_lines: ActiveValue::Set(
+            serde_json::to_string(&job.invalid_lines).context("encoding invalid lines")?,
+        ),
+        bytes_total: ActiveValue::Set(job.bytes_total.map(|b| i64::try_from(b).unwrap_or(i64::MAX))),
+        bytes_read: ActiveValue::Set(0),
+        updated_at: ActiveValue::Set(crate::domain::now()),
+        ..Default::default()
+    };
+    row.update(db).await.context("recording a prepared upload")?;
+    Ok(())
 }
 
 /// Records the size of a table source, for the ETA.

@@ -14,6 +14,7 @@ use actix::Addr;
 use anyhow::{Context, anyhow};
 use sea_orm::DatabaseConnection;
 
+use super::lock::RunnerLock;
 use super::source::{self, Reader, TableReader};
 use super::webhook::{JobEvent, JobEventKind, Notifier};
 use super::write::{GrantTxn, Progress};
@@ -106,6 +107,12 @@ impl BulkRunner {
         self.several_nodes
     }
 
+    /// Waits (at most `within`) for the job events already sent to be delivered or given up;
+    /// for shutdown.
+    pub async fn flush_webhooks(&self, within: Duration) -> bool {
+        self.notifier.flush(within).await
+    }
+
     /// A job was queued: look now rather than at the next poll.
     pub fn wake(&self) {
         self.wake.notify_one();
@@ -140,6 +147,7 @@ impl BulkRunner {
     }
 
     async fn run_forever(self: Arc<Self>) {
+        let _lock = self.runner_lock().await;
         loop {
             match super::next_job(&self.db).await {
                 Ok(Some(job)) => self.run(job).await,
@@ -154,6 +162,27 @@ impl BulkRunner {
         }
     }
 
+    /// Waits until this process is the database's one job runner.
+    async fn runner_lock(&self) -> RunnerLock {
+        let mut told = false;
+        loop {
+            match RunnerLock::try_acquire(&self.db, self.backend).await {
+                Ok(Some(lock)) => return lock,
+                Ok(None) if !told => {
+                    told = true;
+                    tracing::warn!(
+                        "another process runs the bulk jobs of this database; waiting for it to stop"
+                    );
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(error = format!("{error:#}"), "cannot take the bulk runner lock")
+                }
+            }
+            tokio::time::sleep(IDLE_POLL).await;
+        }
+    }
+
     fn notify(&self, kind: JobEventKind, job: &Job) {
         self.notifier.send(JobEvent {
             kind,
@@ -162,8 +191,9 @@ impl BulkRunner {
         });
     }
 
-    /// Runs one job to its end and records how it ended.
-    async fn run(&self, job: Job) {
+    /// Runs one job to its end and records how it ended (the command line's direct mode calls
+    /// this itself, holding the runner lock).
+    pub async fn run(&self, job: Job) {
         let resumed = job.state == JobState::Running;
         let mut job = match super::set_job_state(&self.db, &job, JobState::Running, None).await {
             Ok(job) => job,
@@ -207,7 +237,9 @@ impl BulkRunner {
                 }
             }
         };
-        if let JobSource::Upload { path, .. } = &finished.source
+        if let JobSource::Upload {
+            path, owned: true, ..
+        } = &finished.source
             && let Err(e) = tokio::fs::remove_file(path).await
         {
             tracing::warn!(job = finished.id, path = %path.display(), error = %e, "cannot remove a finished job's upload");
@@ -248,6 +280,11 @@ impl BulkRunner {
         let Some(actor) = handle.actor.local().cloned() else {
             return Ok(Ending::Failed("bulk issuance runs on one node".into()));
         };
+        if let JobSource::Upload { prepared: false, .. } = &job.source {
+            self.prepare(job).await?;
+        }
+        // A prepared list's lines are already counted (read, invalid, duplicates).
+        let counted = matches!(job.source, JobSource::Upload { prepared: true, .. });
         let mut reader = match &job.source {
             JobSource::Upload {
                 path, format, column, ..
@@ -295,8 +332,10 @@ impl BulkRunner {
                 Some(Ok(piece)) => piece,
             };
             let mut totals = job.totals.clone();
-            totals.read += piece.read();
-            totals.invalid += piece.invalid;
+            if !counted {
+                totals.read += piece.read();
+                totals.invalid += piece.invalid;
+            }
             let mut invalid_lines = job.invalid_lines.clone();
             let room = MAX_INVALID_KEPT.saturating_sub(invalid_lines.len());
             invalid_lines.extend(piece.invalid_kept.into_iter().take(room));
@@ -348,6 +387,63 @@ impl BulkRunner {
                 self.notify(JobEventKind::Progress, job);
             }
         }
+    }
+
+    /// Validates, sorts and de-duplicates an upload (see [`super::prepare`]); the job then reads
+    /// the prepared list. Redone from the start if the server stops before it is recorded.
+    async fn prepare(&self, job: &mut Job) -> anyhow::Result<()> {
+        let JobSource::Upload {
+            path,
+            format,
+            column,
+            owned,
+            ..
+        } = job.source.clone()
+        else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        tokio::fs::create_dir_all(&self.settings.dir)
+            .await
+            .with_context(|| format!("creating {}", self.settings.dir.display()))?;
+        let work = self.settings.dir.join(format!("job-{}", job.id));
+        let original = path.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            super::prepare::prepare(&original, format, column.as_deref(), &work)
+        })
+        .await
+        .context("the prepare thread stopped")??;
+        job.totals.read += prepared.read;
+        job.totals.invalid += prepared.invalid;
+        job.totals.skipped += prepared.duplicates;
+        let room = MAX_INVALID_KEPT.saturating_sub(job.invalid_lines.len());
+        job.invalid_lines
+            .extend(prepared.invalid_kept.into_iter().take(room));
+        job.source = JobSource::Upload {
+            path: prepared.sorted,
+            format: super::UploadFormat::Lines,
+            column: None,
+            bytes: prepared.sorted_bytes,
+            owned: true,
+            prepared: true,
+        };
+        job.cursor = None;
+        job.bytes_total = Some(prepared.sorted_bytes);
+        job.bytes_read = 0;
+        super::record_prepared(&self.db, job).await?;
+        if owned && let Err(e) = tokio::fs::remove_file(&path).await {
+            tracing::warn!(job = job.id, error = %e, "cannot remove a prepared upload");
+        }
+        tracing::info!(
+            job = job.id,
+            read = prepared.read,
+            distinct = prepared.targets,
+            invalid = prepared.invalid,
+            duplicates = prepared.duplicates,
+            seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+            "bulk upload prepared"
+        );
+        Ok(())
     }
 
     /// Commits one chunk, retrying a failed attempt; returns the totals after it and whether

@@ -133,19 +133,19 @@ pub fn read_upload(
     let spawned = std::thread::Builder::new()
         .name("bulk-reader".into())
         .spawn(move || {
-            let send = |piece: anyhow::Result<Piece>| pieces.blocking_send(piece).is_ok();
+            let mut send = |piece: Piece| pieces.blocking_send(Ok(piece)).is_ok();
             let outcome = match format {
-                UploadFormat::Lines => read_lines(&path, skip_lines, chunk, &send),
+                UploadFormat::Lines => read_lines(&path, skip_lines, chunk, &mut send),
                 UploadFormat::Csv => read_csv(
                     &path,
                     column.as_deref().unwrap_or("user_id"),
                     skip_lines,
                     chunk,
-                    &send,
+                    &mut send,
                 ),
             };
             if let Err(error) = outcome {
-                send(Err(error));
+                let _ = pieces.blocking_send(Err(error));
             }
         });
     if let Err(error) = spawned {
@@ -194,17 +194,29 @@ fn open(path: &Path) -> anyhow::Result<(Box<dyn BufRead + Send>, Arc<AtomicU64>)
     Ok((reader, count))
 }
 
+/// A consumer of pieces; false once it stopped listening.
+type Sink<'a> = &'a mut dyn FnMut(Piece) -> bool;
+
+/// Reads a whole upload from its start, handing every piece to `sink` (the prepare phase).
+pub fn scan_upload(
+    path: &Path,
+    format: UploadFormat,
+    column: Option<&str>,
+    sink: Sink<'_>,
+) -> anyhow::Result<()> {
+    const PIECE: usize = 1 << 16;
+    match format {
+        UploadFormat::Lines => read_lines(path, 0, PIECE, sink),
+        UploadFormat::Csv => read_csv(path, column.unwrap_or("user_id"), 0, PIECE, sink),
+    }
+}
+
 /// Sends `piece` (ending at file line `line`) and starts a new one; false once the job stopped
 /// listening.
-fn flush(
-    piece: &mut Piece,
-    line: u64,
-    bytes: &AtomicU64,
-    send: &dyn Fn(anyhow::Result<Piece>) -> bool,
-) -> bool {
+fn flush(piece: &mut Piece, line: u64, bytes: &AtomicU64, send: Sink<'_>) -> bool {
     piece.cursor = line.to_string();
     piece.progress = bytes.load(Ordering::Relaxed);
-    send(Ok(std::mem::take(piece)))
+    send(std::mem::take(piece))
 }
 
 /// Trims a line or field and checks it is a user id.
@@ -219,12 +231,7 @@ fn target(raw: &[u8]) -> Result<Option<UserId>, String> {
         .map_err(|invalid| invalid.to_string())
 }
 
-fn read_lines(
-    path: &Path,
-    skip_lines: u64,
-    chunk: usize,
-    send: &dyn Fn(anyhow::Result<Piece>) -> bool,
-) -> anyhow::Result<()> {
+fn read_lines(path: &Path, skip_lines: u64, chunk: usize, send: Sink<'_>) -> anyhow::Result<()> {
     let (mut reader, bytes) = open(path)?;
     let mut line = Vec::with_capacity(256);
     let mut number = 0u64;
@@ -246,7 +253,7 @@ fn read_lines(
             Ok(None) => {}
             Err(reason) => piece.invalid_line(number, reason),
         }
-        if piece.read() as usize >= chunk && !flush(&mut piece, number, &bytes, send) {
+        if piece.read() as usize >= chunk && !flush(&mut piece, number, &bytes, &mut *send) {
             return Ok(());
         }
     }
@@ -256,13 +263,7 @@ fn read_lines(
     Ok(())
 }
 
-fn read_csv(
-    path: &Path,
-    column: &str,
-    skip_lines: u64,
-    chunk: usize,
-    send: &dyn Fn(anyhow::Result<Piece>) -> bool,
-) -> anyhow::Result<()> {
+fn read_csv(path: &Path, column: &str, skip_lines: u64, chunk: usize, send: Sink<'_>) -> anyhow::Result<()> {
     let (reader, bytes) = open(path)?;
     let mut csv = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -304,7 +305,7 @@ fn read_csv(
             Some(Err(reason)) => piece.invalid_line(line, reason),
             None => piece.invalid_line(line, format!("the row has no {column} field")),
         }
-        if piece.read() as usize >= chunk && !flush(&mut piece, line, &bytes, send) {
+        if piece.read() as usize >= chunk && !flush(&mut piece, line, &bytes, &mut *send) {
             return Ok(());
         }
     }

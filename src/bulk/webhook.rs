@@ -8,8 +8,9 @@
 //! target has its own worker task and bounded queue: a target that is down delays nobody but
 //! itself, and one target's events arrive in the order they were sent (a worker holds the next
 //! event until the current one is delivered or given up). Transient failures (connection
-//! errors, timeouts, 408, 429, 5xx) are retried with exponential backoff; any other answer
-//! gives up at once, since repeating the same request cannot change it. Every outcome is logged
+//! errors, timeouts, 408, 429, 5xx) are retried with exponential backoff, or after the
+//! receiver's `Retry-After` (capped at the longest backoff); any other answer gives up at once,
+//! since repeating the same request cannot change it. Every outcome is logged
 //! and counted in [`crate::metrics::WEBHOOK_DELIVERIES_TOTAL`].
 //!
 //! Webhook URLs often are the credential (Slack's always are), so neither logs nor `Debug`
@@ -530,7 +531,8 @@ fn retryable(status: StatusCode) -> bool {
         || status.is_server_error()
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is ignored: the backoff applies instead).
+/// `Retry-After` in seconds, honoured on any retryable answer (429, but 503 sends it too); the
+/// HTTP-date form is ignored and the backoff applies instead.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let seconds = headers
         .get(RETRY_AFTER)?

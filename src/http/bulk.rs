@@ -225,6 +225,8 @@ async fn store_upload(
         format,
         column,
         bytes,
+        owned: true,
+        prepared: false,
     })
 }
 
