@@ -52,6 +52,32 @@ macro_rules! on_every_backend {
     };
 }
 
+/// Like [`on_every_backend!`], for a module whose scenarios do not all run everywhere: those in
+/// `every` on SQLite, PostgreSQL and MySQL, those in `sqlite_and_postgres` on those two only
+/// (the heavy ones). All land in the same `sqlite` / `postgres` / `mysql` modules, so a filter on
+/// a backend or a scenario still selects them.
+macro_rules! on_backends {
+    (every: [$($every:ident),* $(,)?], sqlite_and_postgres: [$($two:ident),* $(,)?] $(,)?) => {
+        mod sqlite {
+            $(on_backends!(@test Sqlite, $every);)*
+            $(on_backends!(@test Sqlite, $two);)*
+        }
+        mod postgres {
+            $(on_backends!(@test Postgres, $every);)*
+            $(on_backends!(@test Postgres, $two);)*
+        }
+        mod mysql {
+            $(on_backends!(@test MySql, $every);)*
+        }
+    };
+    (@test $backend:ident, $scenario:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $scenario() -> anyhow::Result<()> {
+            super::$scenario($crate::helpers::Backend::$backend).await
+        }
+    };
+}
+
 // why: the machine has two cores. A stampede saturates both; a timing assertion (a hold must
 // come back within 250 ms of its expiry) measured beside one would fail for reasons that have
 // nothing to do with the server. Heavy tests exclude each other and every timing test; light
@@ -100,6 +126,15 @@ impl Row {
     pub fn is_active(&self) -> bool {
         matches!(self.status.as_str(), "issued" | "redeemed" | "held" | "confirmed")
     }
+}
+
+/// One `bulk_grants` row as the database holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRow {
+    pub user_id: String,
+    pub job_id: i64,
+    /// `issued` or `revoked`.
+    pub status: String,
 }
 
 /// Rows and units of `rows` that still count against stock.
@@ -249,6 +284,99 @@ impl TestDb {
             Pool::MySql(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
         };
         count.context("counting events")
+    }
+
+    /// Runs statements built at run time (test fixtures such as a segment table) on the test's
+    /// database.
+    pub async fn execute_owned(&self, sql: String) -> anyhow::Result<()> {
+        let what = sql.chars().take(120).collect::<String>();
+        let sql = sqlx::AssertSqlSafe(sql);
+        match self.pool().await? {
+            Pool::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+            Pool::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+            Pool::MySql(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+        }
+        .with_context(|| format!("running {what}…"))
+    }
+
+    /// Every `bulk_grants` row of `event_id`, read straight from the database.
+    pub async fn grants(&self, event_id: i64) -> anyhow::Result<Vec<GrantRow>> {
+        let sql = match self.backend {
+            Backend::Postgres => "SELECT user_id, job_id, status FROM bulk_grants WHERE event_id = $1",
+            _ => "SELECT user_id, job_id, status FROM bulk_grants WHERE event_id = ?",
+        };
+        let raw: Vec<(String, i64, String)> = match self.pool().await? {
+            Pool::Sqlite(pool) => sqlx::query_as(sql).bind(event_id).fetch_all(pool).await,
+            Pool::Postgres(pool) => sqlx::query_as(sql).bind(event_id).fetch_all(pool).await,
+            Pool::MySql(pool) => sqlx::query_as(sql).bind(event_id).fetch_all(pool).await,
+        }
+        .with_context(|| format!("reading the bulk grants of event {event_id}"))?;
+        Ok(raw
+            .into_iter()
+            .map(|(user_id, job_id, status)| GrantRow {
+                user_id,
+                job_id,
+                status,
+            })
+            .collect())
+    }
+
+    /// How many `bulk_grants` rows of `event_id` have `status`, counted by the database (for
+    /// lists too large to read back row by row).
+    pub async fn grant_count(&self, event_id: i64, status: &str) -> anyhow::Result<i64> {
+        let sql = match self.backend {
+            Backend::Postgres => "SELECT count(*) FROM bulk_grants WHERE event_id = $1 AND status = $2",
+            _ => "SELECT count(*) FROM bulk_grants WHERE event_id = ? AND status = ?",
+        };
+        let count = match self.pool().await? {
+            Pool::Sqlite(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(event_id)
+                    .bind(status)
+                    .fetch_one(pool)
+                    .await
+            }
+            Pool::Postgres(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(event_id)
+                    .bind(status)
+                    .fetch_one(pool)
+                    .await
+            }
+            Pool::MySql(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(event_id)
+                    .bind(status)
+                    .fetch_one(pool)
+                    .await
+            }
+        };
+        count.with_context(|| format!("counting the {status} bulk grants of event {event_id}"))
+    }
+
+    /// `events.bulk_issued` of `event_id`: the server's own count of the event's issued grants.
+    pub async fn bulk_issued(&self, event_id: i64) -> anyhow::Result<i64> {
+        let sql = match self.backend {
+            Backend::Postgres => "SELECT bulk_issued FROM events WHERE id = $1",
+            _ => "SELECT bulk_issued FROM events WHERE id = ?",
+        };
+        let count = match self.pool().await? {
+            Pool::Sqlite(pool) => sqlx::query_scalar(sql).bind(event_id).fetch_one(pool).await,
+            Pool::Postgres(pool) => sqlx::query_scalar(sql).bind(event_id).fetch_one(pool).await,
+            Pool::MySql(pool) => sqlx::query_scalar(sql).bind(event_id).fetch_one(pool).await,
+        };
+        count.with_context(|| format!("reading events.bulk_issued of event {event_id}"))
+    }
+
+    /// How many rows the `bulk_jobs` table holds.
+    pub async fn job_count(&self) -> anyhow::Result<i64> {
+        let sql = "SELECT count(*) FROM bulk_jobs";
+        let count = match self.pool().await? {
+            Pool::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Pool::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Pool::MySql(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        };
+        count.context("counting bulk jobs")
     }
 }
 
@@ -662,6 +790,120 @@ impl TestApp {
 
     pub async fn my_reservations(&self, user: &str) -> anyhow::Result<Reply> {
         send(self.as_user(Method::GET, "/v1/me/reservations", user)).await
+    }
+
+    /// `POST /v1/admin/events/{id}/bulk-issues{query}` with `body` as the upload, sent as
+    /// `content_type` (`query` is `""` or starts with `?`).
+    pub async fn submit_upload(
+        &self,
+        event_id: i64,
+        content_type: &str,
+        query: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> anyhow::Result<Reply> {
+        let path = format!("/v1/admin/events/{event_id}/bulk-issues{query}");
+        send(
+            self.admin(Method::POST, &path)
+                .header("content-type", content_type)
+                .body(body),
+        )
+        .await
+    }
+
+    /// `POST /v1/admin/events/{id}/bulk-issues` with the SQL source `{"source": source}`.
+    pub async fn submit_table(&self, event_id: i64, source: Value) -> anyhow::Result<Reply> {
+        let path = format!("/v1/admin/events/{event_id}/bulk-issues");
+        send(self.admin(Method::POST, &path).json(&json!({ "source": source }))).await
+    }
+
+    /// The id of the job a submission created; fails unless it was accepted (202, a queued job
+    /// and its `Location`).
+    pub fn accepted_job(&self, reply: &Reply) -> anyhow::Result<i64> {
+        if reply.status != StatusCode::ACCEPTED {
+            bail!(
+                "the bulk issue was not accepted: {reply}\nthe server log ends with:\n{}",
+                log_tail(&self.log, 30)
+            );
+        }
+        let id = reply.body["id"]
+            .as_i64()
+            .with_context(|| format!("no job id in {reply}"))?;
+        let location = format!("/v1/admin/jobs/{id}");
+        if reply.body["state"] != "queued" || reply.header("location") != Some(location.as_str()) {
+            bail!("expected a queued job at Location {location}, got {reply}");
+        }
+        Ok(id)
+    }
+
+    /// Uploads `body` as `content_type` and returns the new job's id (see [`TestApp::accepted_job`]).
+    pub async fn submit_upload_ok(
+        &self,
+        event_id: i64,
+        content_type: &str,
+        query: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> anyhow::Result<i64> {
+        let reply = self.submit_upload(event_id, content_type, query, body).await?;
+        self.accepted_job(&reply)
+    }
+
+    /// `GET /v1/admin/jobs/{id}`.
+    pub async fn job(&self, job_id: i64) -> anyhow::Result<Reply> {
+        send(self.admin(Method::GET, &format!("/v1/admin/jobs/{job_id}"))).await
+    }
+
+    /// Reads job `job_id` every 20 ms until `done(job)` holds, and returns that job JSON; fails
+    /// after `timeout`, or as soon as the job reaches a final state in which `done` does not hold.
+    pub async fn poll_job(
+        &self,
+        job_id: i64,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let reply = self.job(job_id).await?;
+            if reply.status != StatusCode::OK {
+                bail!("GET job {job_id} answered {reply}");
+            }
+            if done(&reply.body) {
+                return Ok(reply.body);
+            }
+            if is_final(&reply.body) {
+                bail!("job {job_id} ended before the awaited moment: {reply}");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "job {job_id} was not there within {timeout:?}: {reply}\nthe server log ends with:\n{}",
+                    log_tail(&self.log, 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Reads job `job_id` until it is `succeeded`, `failed` or `cancelled` (at most `timeout`)
+    /// and returns it.
+    pub async fn wait_job(&self, job_id: i64, timeout: Duration) -> anyhow::Result<Value> {
+        self.poll_job(job_id, timeout, is_final).await
+    }
+
+    /// `GET /v1/admin/jobs{query}`: the ids of the jobs listed, in the order given.
+    pub async fn job_ids(&self, query: &str) -> anyhow::Result<Vec<i64>> {
+        let reply = send(self.admin(Method::GET, &format!("/v1/admin/jobs{query}"))).await?;
+        if reply.status != StatusCode::OK {
+            bail!("GET /v1/admin/jobs{query} answered {reply}");
+        }
+        let jobs = reply.body["jobs"]
+            .as_array()
+            .with_context(|| format!("no jobs array in {reply}"))?;
+        jobs.iter()
+            .map(|job| {
+                job["id"]
+                    .as_i64()
+                    .with_context(|| format!("a job without an id in {reply}"))
+            })
+            .collect()
     }
 }
 
@@ -1110,5 +1352,248 @@ pub fn check_exact(outcome: &Outcome, units: usize) -> Result<(), String> {
         Ok(())
     } else {
         Err(violations.join("; "))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bulk jobs
+// ---------------------------------------------------------------------------------------------
+
+/// Whether a job JSON is in a final state.
+pub fn is_final(job: &Value) -> bool {
+    matches!(job["state"].as_str(), Some("succeeded" | "failed" | "cancelled"))
+}
+
+/// A bulk job's `totals`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub read: i64,
+    pub issued: i64,
+    pub skipped: i64,
+    pub invalid: i64,
+    pub unissued: i64,
+}
+
+impl Totals {
+    /// The `totals` of a job JSON; fails if one is missing.
+    pub fn of(job: &Value) -> anyhow::Result<Totals> {
+        let number = |member: &str| {
+            job["totals"][member]
+                .as_i64()
+                .with_context(|| format!("no totals.{member} in {job}"))
+        };
+        Ok(Totals {
+            read: number("read")?,
+            issued: number("issued")?,
+            skipped: number("skipped")?,
+            invalid: number("invalid")?,
+            unissued: number("unissued")?,
+        })
+    }
+
+    /// Whether every target read is accounted for once (true of a job that succeeded).
+    pub fn adds_up(&self) -> bool {
+        self.read == self.issued + self.skipped + self.invalid + self.unissued
+    }
+}
+
+/// Writes `lines` to `path`, one per line.
+pub fn write_lines(path: &Path, lines: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    for line in lines {
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush().with_context(|| format!("writing {}", path.display()))
+}
+
+/// A request body that streams the file at `path` (no `Content-Length`: chunked).
+pub async fn file_body(path: &Path) -> anyhow::Result<reqwest::Body> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(reqwest::Body::from(file))
+}
+
+/// `bytes`, gzip-compressed.
+pub fn gzip(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes)?;
+    Ok(encoder.finish()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook receivers
+// ---------------------------------------------------------------------------------------------
+
+/// One request a [`HookReceiver`] was sent, and how it answered.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub path: String,
+    /// Header names in lower case.
+    pub headers: BTreeMap<String, String>,
+    /// The body as JSON, or `Value::Null` when it is not JSON.
+    pub body: Value,
+    pub answered: u16,
+}
+
+impl Delivery {
+    /// The `event` member of a generic JSON webhook body.
+    pub fn event(&self) -> &str {
+        self.body["event"].as_str().unwrap_or_default()
+    }
+}
+
+/// A plain HTTP/1.1 server on 127.0.0.1:0 that records every request it is sent and answers
+/// 500 to the first `failing` of them, 200 to the rest. Stops when dropped.
+pub struct HookReceiver {
+    pub port: u16,
+    deliveries: Arc<tokio::sync::Mutex<Vec<Delivery>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HookReceiver {
+    pub async fn start(failing: usize) -> anyhow::Result<HookReceiver> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding a webhook receiver")?;
+        let port = listener.local_addr()?.port();
+        let deliveries = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+        let seen = Arc::new(AtomicUsize::new(0));
+        let task = {
+            let deliveries = deliveries.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let (deliveries, seen) = (deliveries.clone(), seen.clone());
+                    tokio::spawn(async move {
+                        // why: a connection that breaks off mid-request is the sender's problem;
+                        // what was recorded before stays recorded.
+                        let _ = serve_hook_connection(stream, deliveries, seen, failing).await;
+                    });
+                }
+            })
+        };
+        Ok(HookReceiver {
+            port,
+            deliveries,
+            task,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Every request received so far, in arrival order.
+    pub async fn deliveries(&self) -> Vec<Delivery> {
+        self.deliveries.lock().await.clone()
+    }
+
+    /// Waits (at most `timeout`) until the requests received so far satisfy `done`, and returns
+    /// them.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[Delivery]) -> bool,
+    ) -> anyhow::Result<Vec<Delivery>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let deliveries = self.deliveries().await;
+            if done(&deliveries) {
+                return Ok(deliveries);
+            }
+            if Instant::now() > deadline {
+                let seen: Vec<String> = deliveries
+                    .iter()
+                    .map(|d| format!("{} {} -> {}", d.path, d.body, d.answered))
+                    .collect();
+                bail!("not received within {timeout:?}; received:\n{}", seen.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for HookReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads HTTP/1.1 requests off one connection (keep-alive, `Content-Length` or chunked bodies)
+/// until the peer closes it, recording and answering each.
+async fn serve_hook_connection(
+    stream: tokio::net::TcpStream,
+    deliveries: Arc<tokio::sync::Mutex<Vec<Delivery>>>,
+    seen: Arc<AtomicUsize>,
+    failing: usize,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::io::BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if stream.read_line(&mut request_line).await? == 0 {
+            return Ok(());
+        }
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        let mut headers = BTreeMap::new();
+        loop {
+            let mut line = String::new();
+            if stream.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
+            }
+        }
+        let mut body = Vec::new();
+        if headers
+            .get("transfer-encoding")
+            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+        {
+            loop {
+                let mut size = String::new();
+                stream.read_line(&mut size).await?;
+                let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)?;
+                let mut chunk = vec![0; size + 2];
+                stream.read_exact(&mut chunk).await?;
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..size]);
+            }
+        } else if let Some(length) = headers.get("content-length") {
+            body = vec![0; length.parse()?];
+            stream.read_exact(&mut body).await?;
+        }
+        let answered = if seen.fetch_add(1, Ordering::SeqCst) < failing {
+            500
+        } else {
+            200
+        };
+        deliveries.lock().await.push(Delivery {
+            path,
+            headers,
+            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            answered,
+        });
+        let reason = if answered == 200 {
+            "OK"
+        } else {
+            "Internal Server Error"
+        };
+        let response = format!("HTTP/1.1 {answered} {reason}\r\ncontent-length: 0\r\n\r\n");
+        stream.get_mut().write_all(response.as_bytes()).await?;
     }
 }

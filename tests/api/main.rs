@@ -26,12 +26,17 @@
 //!   mid-drop; cross-node WebSocket pushes; the same stampede without Redis oversells (negative
 //!   control); Redis with SQLite or MySQL is refused. Needs `redis-server` and `redis-cli`, and
 //!   a Redis on 127.0.0.1:6379 (`FIRSTCOME_TEST_REDIS_URL`).
+//! - `bulk`: bulk issuance jobs: uploads (lines, CSV, gzip) and SQL sources grant exactly one
+//!   coupon per distinct listed user; skips, stock exhaustion, malformed lines by line number;
+//!   a million lines; kill -9 mid-job resumes; live claims beside a job never oversell; cancel,
+//!   revoke, listing; bad submissions create no job; JSON and Slack webhooks with a retry.
 
 #[macro_use]
 mod helpers;
 
 mod auth;
 mod bad_input;
+mod bulk;
 mod cluster;
 mod events_admin;
 mod holds;
