@@ -431,7 +431,11 @@ impl BulkRunner {
         tokio::fs::create_dir_all(&self.settings.dir)
             .await
             .with_context(|| format!("creating {}", self.settings.dir.display()))?;
-        let work = self.settings.dir.join(format!("job-{}", job.id));
+        // Unique, not just the job id: servers on other databases may share this directory.
+        let work = self
+            .settings
+            .dir
+            .join(format!("job-{}-{}", job.id, uuid::Uuid::now_v7().simple()));
         let original = path.clone();
         let prepared = tokio::task::spawn_blocking(move || {
             super::prepare::prepare(&original, format, column.as_deref(), &work)
