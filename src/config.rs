@@ -196,7 +196,7 @@ pub struct Overrides {
     #[arg(long, env = "FIRSTCOME_BULK_MAX_UPLOAD_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bulk_max_upload_bytes: Option<u64>,
-    /// Bulk issuance: targets per committed chunk [default: 10000 on SQLite, 50000 otherwise].
+    /// Bulk issuance: targets per committed chunk [default: 10000 on SQLite, 25000 otherwise].
     #[arg(long, env = "FIRSTCOME_BULK_CHUNK_ROWS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bulk_chunk_rows: Option<usize>,

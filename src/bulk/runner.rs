@@ -41,12 +41,14 @@ pub struct BulkSettings {
 
 impl BulkSettings {
     pub fn from_settings(settings: &crate::config::Settings, backend: Backend) -> Self {
-        // why these sizes: a chunk holds the database's write lock while it inserts. On SQLite
-        // that lock is the whole database's, so its chunks stay small enough (~10–20 ms) that a
-        // live commit waiting behind one still answers well inside its latency target.
+        // why these sizes: a live commit waits behind the chunk in progress. On SQLite a chunk
+        // holds the whole database's write lock (10,000 rows: about 15 ms). On PostgreSQL a live
+        // commit's WAL flush includes the chunk's WAL written before it: measured at 2,000 live
+        // claims/s, 50,000-row chunks put live p99 at 300 ms, 25,000 at 15–23 ms with the same
+        // job throughput, 10,000 at 13 ms with a third less.
         let default_chunk = match backend {
             Backend::Sqlite => 10_000,
-            Backend::Postgres | Backend::MySql => 50_000,
+            Backend::Postgres | Backend::MySql => 25_000,
         };
         Self {
             dir: settings.bulk_dir(),
