@@ -212,7 +212,12 @@ pub struct Overrides {
     /// Bulk issuance: where job events go, repeatable (comma-separated in the environment):
     /// `URL` or `json=URL` for a generic JSON POST, `slack=URL` for a Slack-compatible one
     /// [default: none].
-    #[arg(long = "bulk-webhook", env = "FIRSTCOME_BULK_WEBHOOKS", value_delimiter = ',')]
+    #[arg(
+        long = "bulk-webhook",
+        env = "FIRSTCOME_BULK_WEBHOOKS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bulk_webhooks: Option<Vec<String>>,
 }
