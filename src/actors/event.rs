@@ -613,7 +613,7 @@ impl EventActor {
 
     fn reserve(&mut self, msg: Reserve, ctx: &mut Context<Self>) {
         let epoch = self.epoch;
-        if self.waiting.contains_key(&msg.user) {
+        if !self.waiting.is_empty() && self.waiting.contains_key(&msg.user) {
             // Behind this user's earlier claims, in order.
             return self.defer(msg, ctx);
         }
@@ -621,15 +621,9 @@ impl EventActor {
             Ok(ledger) => ledger,
             Err(refusal) => return answer(msg.reply, Err(refusal)),
         };
-        if ledger.chunk.as_ref().is_some_and(|c| c.users.contains(&msg.user))
-            || (ledger.bulk > 0 && !ledger.grants.contains_key(&msg.user))
-        {
+        if ledger.must_wait(&msg.user) {
             return self.defer(msg, ctx);
         }
-        let ledger = match self.ledger() {
-            Ok(ledger) => ledger,
-            Err(refusal) => return answer(msg.reply, Err(refusal)),
-        };
         let now = crate::domain::now();
         let reservation = match ledger.take(&msg, now) {
             Ok(Taken::New(reservation)) => reservation,
@@ -995,6 +989,14 @@ impl Ledger {
         (ledger, overdue)
     }
 
+    /// Whether `user`'s claim must wait for their bulk-grant status: a chunk in flight holds
+    /// them, or the event has grants and theirs is not known yet. Free when the event has never
+    /// had a bulk job (no lookup at all).
+    fn must_wait(&self, user: &UserId) -> bool {
+        self.chunk.as_ref().is_some_and(|c| c.users.contains(user))
+            || (self.bulk > 0 && !self.grants.contains_key(user))
+    }
+
     /// A bulk chunk in flight counts as sold: its units are promised.
     fn inventory(&self) -> Inventory {
         Inventory {
@@ -1067,7 +1069,7 @@ impl Ledger {
                 max: self.event.max_per_request,
             });
         }
-        let granted = u32::from(self.grants.get(&msg.user) == Some(&true));
+        let granted = u32::from(self.bulk > 0 && self.grants.get(&msg.user) == Some(&true));
         let active = self.per_user.get(&msg.user).copied().unwrap_or(0) + granted;
         if active + quantity > self.event.per_user_limit {
             return Err(Refusal::LimitReached {
