@@ -19,6 +19,8 @@
 #                disk, not tmpfs, or SQLite's fsyncs cost nothing  [target/bench]
 #   KEEP=1       keep BENCH_DIR's run folder afterwards (raw JSON lines are in results.jsonl)
 #   SKIP_BUILD=1 use the binaries already in target/release
+#   SERVER_BIN   the server binary to measure [target/release/firstcome]; with SKIP_BUILD=1, an
+#                older build can be measured against the current one, run after run
 #   FIRSTCOME_RATE_LIMIT  rate limits on the server under test [false: the load generator is
 #                one IP sending tens of thousands of requests a second, which the default
 #                per-IP quotas would refuse; set quotas with FIRSTCOME_RATE_LIMIT_* to measure them]
@@ -50,7 +52,7 @@ PG_USER=${PG_USER:-postgres}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-SERVER=$ROOT/target/release/firstcome
+SERVER=${SERVER_BIN:-$ROOT/target/release/firstcome}
 LOADGEN=$ROOT/target/release/loadgen
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }

@@ -55,11 +55,23 @@ impl Application {
         let writer = store::connect(&settings.database_url, 1).await?;
         let stats = Arc::new(PersisterStats::default());
         let write_gate = (backend == Backend::Sqlite).then(WriteGate::default);
+        // SQLite serves `GET /v1/me/reservations` from memory (see `store::UserIndex`).
+        let user_index = match backend {
+            Backend::Sqlite => Some(Arc::new(store::UserIndex::load(&db).await?)),
+            Backend::Postgres | Backend::MySql => None,
+        };
         let persister = {
-            let (db, stats, max_batch, gate) =
-                (writer, stats.clone(), settings.max_batch, write_gate.clone());
+            let (db, stats, max_batch, gate, index) = (
+                writer,
+                stats.clone(),
+                settings.max_batch,
+                write_gate.clone(),
+                user_index.clone(),
+            );
             Persister::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-                Persister::new(db, backend, max_batch, stats).with_write_gate(gate)
+                Persister::new(db, backend, max_batch, stats)
+                    .with_write_gate(gate)
+                    .with_user_index(index)
             })
         };
         // Zero means: host event actors on the HTTP workers' arbiters (registered below).
@@ -138,6 +150,7 @@ impl Application {
             auth,
             body_limit: settings.body_limit,
             persister_stats: stats,
+            user_index,
             rate_limits: rate_limits.clone(),
             cluster,
         });

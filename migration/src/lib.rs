@@ -6,6 +6,7 @@ mod m20261122_000001_create_events;
 mod m20261122_000002_create_reservations;
 mod m20261201_000003_ledger_generation;
 mod m20261201_000004_bulk_issuance;
+mod m20261201_000005_sqlite_user_index;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000002_create_reservations::Migration),
             Box::new(m20261201_000003_ledger_generation::Migration),
             Box::new(m20261201_000004_bulk_issuance::Migration),
+            Box::new(m20261201_000005_sqlite_user_index::Migration),
         ]
     }
 }

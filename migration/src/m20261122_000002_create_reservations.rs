@@ -63,7 +63,8 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        // Serves `GET /v1/me/reservations`.
+        // Serves `GET /v1/me/reservations` (on PostgreSQL and MySQL; SQLite drops it in
+        // m20261201_000005 and keeps a user index in memory).
         manager
             .create_index(
                 Index::create()

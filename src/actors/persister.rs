@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::domain::EventId;
-use crate::store::{self, Backend, WriteOp};
+use crate::store::{self, Backend, UserIndex, WriteOp};
 
 /// A batch could not be committed; none of its writes took effect (or, if the connection broke
 /// during COMMIT, the outcome is unknown and the database must be re-read).
@@ -112,6 +112,8 @@ pub struct Persister {
     stats: Arc<PersisterStats>,
     /// SQLite: shared with the bulk runner (see [`WriteGate`]).
     write_gate: Option<WriteGate>,
+    /// SQLite: told of every committed insert before its client is (see [`UserIndex`]).
+    user_index: Option<Arc<UserIndex>>,
 }
 
 /// SQLite lets one connection write at a time, and a writer that finds the database locked
@@ -125,6 +127,12 @@ impl Persister {
     /// Takes `gate` around every commit.
     pub fn with_write_gate(mut self, gate: Option<WriteGate>) -> Self {
         self.write_gate = gate;
+        self
+    }
+
+    /// Adds every committed insert to `index` before its waiters hear the outcome.
+    pub fn with_user_index(mut self, index: Option<Arc<UserIndex>>) -> Self {
+        self.user_index = index;
         self
     }
 
@@ -142,6 +150,7 @@ impl Persister {
             committing: false,
             stats,
             write_gate: None,
+            user_index: None,
         }
     }
 
@@ -162,6 +171,7 @@ impl Persister {
         let backend = self.backend;
         let started = Instant::now();
         let gate = self.write_gate.clone();
+        let user_index = self.user_index.clone();
         let commit = async move {
             if ops.is_empty() {
                 return Ok(ops.len());
@@ -170,7 +180,11 @@ impl Persister {
                 Some(gate) => Some(gate.lock().await),
                 None => None,
             };
-            store::apply_batch(&db, backend, &ops).await.map(|()| ops.len())
+            store::apply_batch(&db, backend, &ops).await?;
+            if let Some(index) = &user_index {
+                index.record(&ops);
+            }
+            anyhow::Ok(ops.len())
         };
         ctx.spawn(commit.into_actor(self).map(move |result, act, ctx| {
             let outcome = match result {

@@ -37,6 +37,8 @@ pub struct AppState {
     pub auth: Arc<auth::Authenticator>,
     pub body_limit: usize,
     pub persister_stats: Arc<PersisterStats>,
+    /// SQLite: where `GET /v1/me/reservations` finds a user's reservation ids.
+    pub user_index: Option<Arc<crate::store::UserIndex>>,
     /// `None` when rate limiting is off.
     pub rate_limits: Option<Arc<rate_limit::RateLimits>>,
     /// Several nodes: the shared Redis ledger (`None` on one node).

@@ -260,9 +260,14 @@ const MINE_LIMIT: u64 = 100;
     security(("user_header" = []), ("user_jwt" = [])), responses(
     (status = 200, description = "The caller's reservations, newest first (at most 100)")))]
 pub(super) async fn mine(User(user): User, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let reservations = store::list_user_reservations(&state.db, &user, MINE_LIMIT)
-        .await
-        .map_err(ApiError::unavailable)?;
+    let reservations = match &state.user_index {
+        Some(index) => {
+            let ids = index.newest(&user, MINE_LIMIT as usize);
+            store::user_reservations_by_id(&state.db, &user, ids).await
+        }
+        None => store::list_user_reservations(&state.db, &user, MINE_LIMIT).await,
+    }
+    .map_err(ApiError::unavailable)?;
     let now = crate::domain::now();
     let reservations: Vec<Reservation> = reservations.into_iter().map(|r| r.as_of(now)).collect();
     Ok(json(StatusCode::OK, &json!({ "reservations": reservations })))

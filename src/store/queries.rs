@@ -126,6 +126,28 @@ pub async fn list_user_reservations(
         .collect()
 }
 
+/// `user`'s reservations among `ids`, newest first: the rows behind a [`super::UserIndex`]
+/// lookup. Matching `user_id` too keeps another user's rows out even if the index were wrong.
+pub async fn user_reservations_by_id(
+    db: &DatabaseConnection,
+    user: &UserId,
+    ids: Vec<uuid::Uuid>,
+) -> anyhow::Result<Vec<Reservation>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    reservations::Entity::find()
+        .filter(reservations::Column::Id.is_in(ids))
+        .filter(reservations::Column::UserId.eq(user.as_str()))
+        .order_by_desc(reservations::Column::Id)
+        .all(db)
+        .await
+        .context("reading a user's reservations")?
+        .into_iter()
+        .map(reservation_from_row)
+        .collect()
+}
+
 /// The event's active bulk grants, kept on its row by every bulk chunk and revocation.
 async fn bulk_issued(db: &impl ConnectionTrait, id: EventId) -> anyhow::Result<u64> {
     let backend = db.get_database_backend();

@@ -6,11 +6,14 @@ use std::collections::HashSet;
 use reqwest::Method;
 use uuid::Uuid;
 
+use serde_json::json;
+
 use crate::helpers::{Backend, Reply, TestApp, send};
 
 on_every_backend!(
     another_users_reservation_is_not_found_and_stays_unchanged,
     my_reservations_lists_only_my_own,
+    my_list_shows_each_acknowledged_reservation_at_once_and_the_same_after_a_restart,
     unknown_or_malformed_reservation_ids_are_not_found,
 );
 
@@ -97,6 +100,67 @@ async fn my_reservations_lists_only_my_own(backend: Backend) -> anyhow::Result<(
     assert!(listed(&cy).is_empty(), "{cy}");
     let anonymous = send(app.request(Method::GET, "/v1/me/reservations")).await?;
     anonymous.assert_problem(401, "missing_user");
+    Ok(())
+}
+
+/// The ids in a `GET /v1/me/reservations` answer, in the order given; fails on anything but 200.
+fn listed_ids(reply: &Reply) -> anyhow::Result<Vec<String>> {
+    anyhow::ensure!(reply.status == 200, "listing answered {reply}");
+    Ok(reply.body["reservations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r["id"].as_str().unwrap_or_default().to_owned())
+        .collect())
+}
+
+/// A 201 is in its owner's list at once (SQLite serves the list from an in-memory user index,
+/// the other backends from an index on the table); the list holds the newest 100, newest first;
+/// and a restart, which rebuilds that memory from the table, lists exactly the same.
+async fn my_list_shows_each_acknowledged_reservation_at_once_and_the_same_after_a_restart(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    // Arrange
+    let mut app = TestApp::spawn(backend).await?;
+    let coupons = app.coupon_event(1_000, 1).await?;
+    let repeats = app
+        .create_event(json!({
+            "name": "repeat buys", "kind": "coupon", "stock": 1_000, "per_user_limit": 120,
+            "max_per_request": 1,
+        }))
+        .await?;
+
+    // Act: 40 users claim at once, each reading its list as soon as its 201 arrives.
+    let claims = (0..40).map(|i| {
+        let app = &app;
+        async move {
+            let user = format!("user-{i}");
+            let reservation = app.reserve_ok(coupons, &user, None).await?;
+            let listed = listed_ids(&app.my_reservations(&user).await?)?;
+            let id = reservation["id"].as_str().unwrap_or_default().to_owned();
+            anyhow::Ok((user, id, listed))
+        }
+    });
+    let claimed = futures_util::future::try_join_all(claims).await?;
+    let mut many = Vec::new();
+    for _ in 0..105 {
+        let reservation = app.reserve_ok(repeats, "many", None).await?;
+        many.push(reservation["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let newest_hundred: Vec<String> = many.iter().rev().take(100).cloned().collect();
+    let many_listed = listed_ids(&app.my_reservations("many").await?)?;
+    app.restart().await?;
+
+    // Assert
+    for (user, id, listed) in &claimed {
+        assert_eq!(listed, &vec![id.clone()], "{user}'s list right after the 201");
+        let after = listed_ids(&app.my_reservations(user).await?)?;
+        assert_eq!(&after, listed, "{user}'s list after the restart");
+    }
+    assert_eq!(many_listed, newest_hundred, "the newest 100 of 105, newest first");
+    let many_after = listed_ids(&app.my_reservations("many").await?)?;
+    assert_eq!(many_after, newest_hundred, "the same after the restart");
+    assert!(listed_ids(&app.my_reservations("nobody").await?)?.is_empty());
     Ok(())
 }
 
