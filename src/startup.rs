@@ -57,7 +57,17 @@ impl Application {
         let write_gate = (backend == Backend::Sqlite).then(WriteGate::default);
         // SQLite serves `GET /v1/me/reservations` from memory (see `store::UserIndex`).
         let user_index = match backend {
-            Backend::Sqlite => Some(Arc::new(store::UserIndex::load(&db).await?)),
+            Backend::Sqlite => {
+                // Its own connection, closed after: the scan would leave a pooled one holding a
+                // page cache full of rows nobody reads again.
+                let loader = store::connect(&settings.database_url, 1).await?;
+                let index = store::UserIndex::load(&loader).await?;
+                loader
+                    .close()
+                    .await
+                    .context("closing the user index's connection")?;
+                Some(Arc::new(index))
+            }
             Backend::Postgres | Backend::MySql => None,
         };
         let persister = {

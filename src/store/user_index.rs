@@ -16,14 +16,13 @@
 //! of the user id with a per-process random seed; the query that reads the rows also matches
 //! `user_id`, so a hash collision can never show one user another's reservation.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::RwLock;
 
 use anyhow::Context;
-use entity::reservations;
-use futures_util::TryStreamExt;
-use sea_orm::{DatabaseConnection, EntityTrait, QuerySelect};
+use sea_orm::DatabaseConnection;
 use smallvec::SmallVec;
 use uuid::Uuid;
 
@@ -39,23 +38,50 @@ pub struct UserIndex {
 }
 
 impl UserIndex {
-    /// Reads every reservation's id and user from the database.
+    /// Reads every reservation's id and user from the SQLite database behind `db`, a connection
+    /// of its own (its page cache is shrunk for the scan).
+    ///
+    /// why: pages of 100,000 rows, each one JSON string that SQLite builds itself. Streamed row
+    /// by row through sea-orm, 2 million reservations took 5.9 s to load; as pages, about 1 s.
     pub async fn load(db: &DatabaseConnection) -> anyhow::Result<Self> {
+        const PAGE_ROWS: i64 = 100_000;
+        const PAGE: &str = "SELECT max(r), json_group_array(json_array(hex(id), user_id)) \
+            FROM (SELECT rowid AS r, id, user_id FROM reservations WHERE rowid > ?1 ORDER BY rowid LIMIT ?2)";
+        /// One row of a page: the id as 32 hex digits, and the user id (escaped only if it holds a
+        /// quote or a backslash).
+        #[derive(serde::Deserialize)]
+        struct Row<'a>(&'a str, #[serde(borrow)] Cow<'a, str>);
+
         let started = std::time::Instant::now();
-        let seed = foldhash::fast::RandomState::default();
-        let mut by_user: HashMap<u64, Reservations, foldhash::fast::RandomState> = HashMap::default();
-        let mut rows = reservations::Entity::find()
-            .select_only()
-            .column(reservations::Column::Id)
-            .column(reservations::Column::UserId)
-            .into_tuple::<(Uuid, String)>()
-            .stream(db)
+        let pool = db.get_sqlite_connection_pool();
+        // The scan reads each page once: a 64 MiB page cache would only stay behind in RSS.
+        sqlx::query("PRAGMA cache_size = -2048")
+            .execute(pool)
             .await
-            .context("reading reservations for the user index")?;
-        let mut loaded = 0u64;
-        while let Some((id, user)) = rows.try_next().await.context("reading a reservation's user")? {
-            by_user.entry(seed.hash_one(user.as_str())).or_default().push(id);
-            loaded += 1;
+            .context("shrinking the user index loader's page cache")?;
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+            .fetch_one(pool)
+            .await
+            .context("counting reservations for the user index")?;
+        let seed = foldhash::fast::RandomState::default();
+        let mut by_user: HashMap<u64, Reservations, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(usize::try_from(count).unwrap_or(0), Default::default());
+        let (mut after, mut loaded) = (0i64, 0u64);
+        loop {
+            let (last, page): (Option<i64>, String) = sqlx::query_as(PAGE)
+                .bind(after)
+                .bind(PAGE_ROWS)
+                .fetch_one(pool)
+                .await
+                .context("reading reservations for the user index")?;
+            let Some(last) = last else { break };
+            let rows: Vec<Row<'_>> = serde_json::from_str(&page).context("reading a page of reservations")?;
+            for Row(id, user) in rows {
+                let id = Uuid::try_parse(id).with_context(|| format!("reading reservation id {id:?}"))?;
+                by_user.entry(seed.hash_one(&*user)).or_default().push(id);
+                loaded += 1;
+            }
+            after = last;
         }
         tracing::info!(
             reservations = loaded,
