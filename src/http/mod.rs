@@ -69,9 +69,12 @@ async fn method_not_allowed() -> HttpResponse {
     ApiError::new(Code::MethodNotAllowed, "This path does not accept this method.").error_response()
 }
 
-/// A resource whose other methods get a problem+json 405.
-fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(method_not_allowed))
+/// A resource whose other methods get a problem+json 405, and which names its pattern to the
+/// request metrics ([`observe::RoutePattern`]).
+fn resource(path: &'static str) -> actix_web::Resource {
+    web::resource(path)
+        .app_data(observe::RoutePattern(path))
+        .default_service(web::to(method_not_allowed))
 }
 
 /// Turns any error response that is not already problem+json into one, so clients see a single

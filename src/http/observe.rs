@@ -25,6 +25,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/metrics").route(web::get().to(render_metrics)));
 }
 
+/// The route pattern of the resource that served a request, kept in the resource's app data.
+///
+/// why: `HttpRequest::match_pattern` matches the path against the resource map again (regexes
+/// for paths with an `{id}`) and allocates the pattern, on every request; the resource already
+/// knows it. `match_pattern` stays the fallback for anything served outside `http::resource`.
+#[derive(Debug, Clone, Copy)]
+pub struct RoutePattern(pub &'static str);
+
 /// Middleware: opens the request's span (so every log line of the request names its id),
 /// answers with `X-Request-Id`, and records the latency by route template.
 pub async fn observe(
@@ -35,10 +43,13 @@ pub async fn observe(
     let id = request_id(&req);
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path());
     let mut response = next.call(req).instrument(span).await?;
-    let route = response
-        .request()
-        .match_pattern()
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route: metrics::SharedString = match response.request().app_data::<RoutePattern>() {
+        Some(RoutePattern(pattern)) => (*pattern).into(),
+        None => response
+            .request()
+            .match_pattern()
+            .map_or_else(|| "unmatched".into(), Into::into),
+    };
     metrics::histogram!(
         HTTP_REQUEST_SECONDS,
         "route" => route,
