@@ -38,7 +38,7 @@ use chrono::{DateTime, Utc};
 use entity::bulk_jobs;
 use sea_orm::{
     ActiveModelTrait, ActiveValue, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    QuerySelect, TryIntoModel,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -335,8 +335,16 @@ pub async fn create_job(db: &DatabaseConnection, event: EventId, source: &JobSou
         finished_at: ActiveValue::Set(None),
         updated_at: ActiveValue::Set(now),
     };
-    let saved = row.insert(db).await.context("queueing a bulk job")?;
-    job_from_row(saved)
+    // why: the answer shows the job as it was queued. sea-orm's `insert` reads the row back
+    // (MySQL has no RETURNING), and a runner that polled in between could already have started it.
+    let id = bulk_jobs::Entity::insert(row.clone())
+        .exec(db)
+        .await
+        .context("queueing a bulk job")?
+        .last_insert_id;
+    let mut row = row;
+    row.id = ActiveValue::Set(id);
+    job_from_row(row.try_into_model().context("reading back a queued bulk job")?)
 }
 
 pub async fn find_job(db: &DatabaseConnection, id: i64) -> anyhow::Result<Option<Job>> {
