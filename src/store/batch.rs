@@ -168,15 +168,58 @@ fn insert_statements(backend: Backend, rows: &[&Reservation]) -> anyhow::Result<
                 [json.into()],
             )]
         }
-        Backend::Postgres | Backend::MySql => rows
-            .chunks(backend.params_per_statement() / RESERVATION_COLUMNS)
-            .map(|chunk| {
-                reservations::Entity::insert_many(
-                    chunk.iter().map(|r| reservation_to_row(r).into_active_model()),
-                )
-                .build(db_backend)
-            })
-            .collect(),
+        Backend::Postgres | Backend::MySql => {
+            statement_runs(rows, backend.params_per_statement() / RESERVATION_COLUMNS)
+                .map(|chunk| {
+                    reservations::Entity::insert_many(
+                        chunk.iter().map(|r| reservation_to_row(r).into_active_model()),
+                    )
+                    .build(db_backend)
+                })
+                .collect()
+        }
+    })
+}
+
+/// Most bind-parameter bytes we put in one PostgreSQL or MySQL statement.
+///
+/// why: the 1,024-parameter cap ([`Backend::params_per_statement`]) keeps a statement of short
+/// ids under one 16 KiB TLS record, but user ids may hold 128 characters and idempotency keys
+/// 255: 113 such rows make a 40 KiB statement, whose tail waits for the server's delayed ACK
+/// (sqlx 0.9.0 leaves Nagle on). The bulk writer cuts its statements at the same size.
+const STATEMENT_BYTES: usize = 12 * 1024;
+
+/// What one row's nine parameters take on the wire besides the user id and idempotency key:
+/// a 4-byte length each, a 16-byte id, three timestamps and two integers, and the status.
+const ROW_FIXED_BYTES: usize = 100;
+
+/// `rows` cut into runs of at most `max_rows` whose parameters add up to at most
+/// [`STATEMENT_BYTES`] (at least one row each).
+pub(super) fn statement_runs<'a>(
+    rows: &'a [&'a Reservation],
+    max_rows: usize,
+) -> impl Iterator<Item = &'a [&'a Reservation]> {
+    let row_bytes = |r: &Reservation| {
+        ROW_FIXED_BYTES
+            + r.user_id.as_str().len()
+            + r.idempotency_key.as_ref().map_or(0, |k| k.as_str().len())
+    };
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut n, mut bytes) = (0, 0);
+        while n < rest.len()
+            && n < max_rows.max(1)
+            && (n == 0 || bytes + row_bytes(rest[n]) <= STATEMENT_BYTES)
+        {
+            bytes += row_bytes(rest[n]);
+            n += 1;
+        }
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        Some(run)
     })
 }
 
@@ -236,6 +279,53 @@ mod tests {
         assert_eq!(
             json,
             r#"["01a230bc0f0a7306873223ddd8e4928b",7,"ana",2,"held",null,null,"2026-12-01T08:00:00.123456+00:00"]"#
+        );
+        Ok(())
+    }
+
+    fn reservation(user: &str, key: Option<&str>) -> anyhow::Result<Reservation> {
+        Ok(Reservation {
+            id: ReservationId::default(),
+            event_id: EventId::from_db(1),
+            user_id: UserId::parse(user).map_err(|e| anyhow::anyhow!("{e}"))?,
+            quantity: 1,
+            status: ReservationStatus::Issued,
+            expires_at: None,
+            created_at: Utc::now(),
+            idempotency_key: key
+                .map(crate::domain::IdempotencyKey::parse)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        })
+    }
+
+    #[test]
+    fn statements_are_cut_by_row_count_for_short_ids_and_by_bytes_for_long_ones() -> anyhow::Result<()> {
+        let short: Vec<Reservation> = (0..300)
+            .map(|i| reservation(&format!("u-{i}"), None))
+            .collect::<anyhow::Result<_>>()?;
+        let short: Vec<&Reservation> = short.iter().collect();
+        let runs: Vec<usize> = statement_runs(&short, 113).map(<[_]>::len).collect();
+        assert_eq!(runs, vec![113, 113, 74]);
+
+        let (user, key) = ("u".repeat(128), "k".repeat(255));
+        let long: Vec<Reservation> = (0..300)
+            .map(|_| reservation(&user, Some(&key)))
+            .collect::<anyhow::Result<_>>()?;
+        let long: Vec<&Reservation> = long.iter().collect();
+        let runs: Vec<&[&Reservation]> = statement_runs(&long, 113).collect();
+        let per_row = ROW_FIXED_BYTES + 128 + 255;
+        assert!(
+            runs.iter().all(|run| run.len() * per_row <= STATEMENT_BYTES),
+            "{}",
+            runs.len()
+        );
+        assert_eq!(runs[0].len(), STATEMENT_BYTES / per_row);
+        let ids: Vec<_> = runs.iter().flat_map(|run| run.iter().map(|r| r.id)).collect();
+        assert_eq!(
+            ids,
+            long.iter().map(|r| r.id).collect::<Vec<_>>(),
+            "every row once, in order"
         );
         Ok(())
     }

@@ -56,7 +56,7 @@ impl Backend {
     /// until the server's delayed ACK, about 40 ms. Measured on PostgreSQL with TLS: batches of
     /// 172+ rows took 46 or 92 ms instead of 2–8 ms, and a 20 KiB statement held every commit
     /// at 13 ms. At about 100 bytes per row of nine parameters, 1,024 parameters keep a
-    /// statement near 11 KiB.
+    /// statement near 11 KiB; rows with long ids are also cut by size (`batch::statement_runs`).
     pub fn params_per_statement(self) -> usize {
         match self {
             Self::Sqlite => self.bind_limit(),

@@ -44,7 +44,7 @@ pub fn fenced_insert_statements(
     generation: i64,
     rows: &[&Reservation],
 ) -> Vec<(Statement, usize)> {
-    rows.chunks((PARAMS_PER_STATEMENT - 2) / COLUMNS)
+    super::batch::statement_runs(rows, (PARAMS_PER_STATEMENT - 2) / COLUMNS)
         .map(|chunk| {
             let mut values: Vec<Value> = vec![event.get().into(), generation.into()];
             let mut tuples = Vec::with_capacity(chunk.len());
