@@ -186,12 +186,14 @@ fn insert_statements(backend: Backend, rows: &[&Reservation]) -> anyhow::Result<
 /// why: the 1,024-parameter cap ([`Backend::params_per_statement`]) keeps a statement of short
 /// ids under one 16 KiB TLS record, but user ids may hold 128 characters and idempotency keys
 /// 255: 113 such rows make a 40 KiB statement, whose tail waits for the server's delayed ACK
-/// (sqlx 0.9.0 leaves Nagle on). The bulk writer cuts its statements at the same size.
-const STATEMENT_BYTES: usize = 12 * 1024;
+/// (sqlx 0.9.0 leaves Nagle on). 14 KiB leaves room in the record for the rest of the message,
+/// and is above what 113 rows of short ids take, so for those the parameter cap still decides.
+const STATEMENT_BYTES: usize = 14 * 1024;
 
 /// What one row's nine parameters take on the wire besides the user id and idempotency key:
-/// a 4-byte length each, a 16-byte id, three timestamps and two integers, and the status.
-const ROW_FIXED_BYTES: usize = 100;
+/// a 4-byte length and a 2-byte format code each, a 16-byte id, three timestamps, two integers
+/// and the status.
+const ROW_FIXED_BYTES: usize = 104;
 
 /// `rows` cut into runs of at most `max_rows` whose parameters add up to at most
 /// [`STATEMENT_BYTES`] (at least one row each).
