@@ -168,61 +168,27 @@ fn insert_statements(backend: Backend, rows: &[&Reservation]) -> anyhow::Result<
                 [json.into()],
             )]
         }
-        Backend::Postgres | Backend::MySql => {
-            statement_runs(rows, backend.params_per_statement() / RESERVATION_COLUMNS)
-                .map(|chunk| {
-                    reservations::Entity::insert_many(
-                        chunk.iter().map(|r| reservation_to_row(r).into_active_model()),
-                    )
-                    .build(db_backend)
-                })
-                .collect()
-        }
+        Backend::Postgres | Backend::MySql => super::statement_runs(
+            rows,
+            backend.params_per_statement() / RESERVATION_COLUMNS,
+            row_bytes,
+        )
+        .map(|chunk| {
+            reservations::Entity::insert_many(chunk.iter().map(|r| reservation_to_row(r).into_active_model()))
+                .build(db_backend)
+        })
+        .collect(),
     })
 }
 
-/// Most bind-parameter bytes we put in one PostgreSQL or MySQL statement.
-///
-/// why: the 1,024-parameter cap ([`Backend::params_per_statement`]) keeps a statement of short
-/// ids under one 16 KiB TLS record, but user ids may hold 128 characters and idempotency keys
-/// 255: 113 such rows make a 40 KiB statement, whose tail waits for the server's delayed ACK
-/// (sqlx 0.9.0 leaves Nagle on). 14 KiB leaves room in the record for the rest of the message,
-/// and is above what 113 rows of short ids take, so for those the parameter cap still decides.
-const STATEMENT_BYTES: usize = 14 * 1024;
-
-/// What one row's nine parameters take on the wire besides the user id and idempotency key:
-/// a 4-byte length and a 2-byte format code each, a 16-byte id, three timestamps, two integers
-/// and the status.
+/// What one reservation row's nine parameters take on the wire besides the user id and
+/// idempotency key: a 4-byte length and a 2-byte format code each, a 16-byte id, three
+/// timestamps, two integers and the status.
 const ROW_FIXED_BYTES: usize = 104;
 
-/// `rows` cut into runs of at most `max_rows` whose parameters add up to at most
-/// [`STATEMENT_BYTES`] (at least one row each).
-pub(super) fn statement_runs<'a>(
-    rows: &'a [&'a Reservation],
-    max_rows: usize,
-) -> impl Iterator<Item = &'a [&'a Reservation]> {
-    let row_bytes = |r: &Reservation| {
-        ROW_FIXED_BYTES
-            + r.user_id.as_str().len()
-            + r.idempotency_key.as_ref().map_or(0, |k| k.as_str().len())
-    };
-    let mut rest = rows;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let (mut n, mut bytes) = (0, 0);
-        while n < rest.len()
-            && n < max_rows.max(1)
-            && (n == 0 || bytes + row_bytes(rest[n]) <= STATEMENT_BYTES)
-        {
-            bytes += row_bytes(rest[n]);
-            n += 1;
-        }
-        let (run, tail) = rest.split_at(n);
-        rest = tail;
-        Some(run)
-    })
+/// The bind-parameter bytes of one reservation row, for [`super::statement_runs`].
+pub(super) fn row_bytes(r: &&Reservation) -> usize {
+    ROW_FIXED_BYTES + r.user_id.as_str().len() + r.idempotency_key.as_ref().map_or(0, |k| k.as_str().len())
 }
 
 /// One reservation as a JSON array, serialized straight from the reservation: id (32 hex
@@ -262,6 +228,7 @@ fn timestamp(at: DateTime<Utc>) -> String {
 mod tests {
     use super::*;
     use crate::domain::{EventId, UserId};
+    use crate::store::{STATEMENT_BYTES, statement_runs};
 
     #[test]
     fn a_json_row_has_the_columns_sqlite_unpacks_in_order() -> anyhow::Result<()> {
@@ -307,7 +274,7 @@ mod tests {
             .map(|i| reservation(&format!("u-{i}"), None))
             .collect::<anyhow::Result<_>>()?;
         let short: Vec<&Reservation> = short.iter().collect();
-        let runs: Vec<usize> = statement_runs(&short, 113).map(<[_]>::len).collect();
+        let runs: Vec<usize> = statement_runs(&short, 113, row_bytes).map(<[_]>::len).collect();
         assert_eq!(runs, vec![113, 113, 74]);
 
         let (user, key) = ("u".repeat(128), "k".repeat(255));
@@ -315,7 +282,7 @@ mod tests {
             .map(|_| reservation(&user, Some(&key)))
             .collect::<anyhow::Result<_>>()?;
         let long: Vec<&Reservation> = long.iter().collect();
-        let runs: Vec<&[&Reservation]> = statement_runs(&long, 113).collect();
+        let runs: Vec<&[&Reservation]> = statement_runs(&long, 113, row_bytes).collect();
         let per_row = ROW_FIXED_BYTES + 128 + 255;
         assert!(
             runs.iter().all(|run| run.len() * per_row <= STATEMENT_BYTES),

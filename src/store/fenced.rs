@@ -44,39 +44,43 @@ pub fn fenced_insert_statements(
     generation: i64,
     rows: &[&Reservation],
 ) -> Vec<(Statement, usize)> {
-    super::batch::statement_runs(rows, (PARAMS_PER_STATEMENT - 2) / COLUMNS)
-        .map(|chunk| {
-            let mut values: Vec<Value> = vec![event.get().into(), generation.into()];
-            let mut tuples = Vec::with_capacity(chunk.len());
-            for r in chunk {
-                tuples.push(format!("({})", placeholders(values.len() + 1, COLUMNS)));
-                values.extend([
-                    r.id.get().into(),
-                    r.event_id.get().into(),
-                    r.user_id.as_str().to_owned().into(),
-                    (r.quantity as i32).into(),
-                    r.status.as_str().to_owned().into(),
-                    r.idempotency_key.as_ref().map(|k| k.as_str().to_owned()).into(),
-                    r.expires_at.into(),
-                    r.created_at.into(),
-                    r.created_at.into(),
-                ]);
-            }
-            // why FOR SHARE: a ledger rebuild bumps the generation with an UPDATE of this row,
-            // which waits for every insert holding the share lock and makes later ones see the
-            // new generation; so no insert from the old generation lands after the rebuild read.
-            let sql = format!(
-                "WITH fence AS (SELECT 1 FROM events WHERE id = $1 AND ledger_generation = $2 FOR SHARE) \
+    super::statement_runs(
+        rows,
+        (PARAMS_PER_STATEMENT - 2) / COLUMNS,
+        super::batch::row_bytes,
+    )
+    .map(|chunk| {
+        let mut values: Vec<Value> = vec![event.get().into(), generation.into()];
+        let mut tuples = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            tuples.push(format!("({})", placeholders(values.len() + 1, COLUMNS)));
+            values.extend([
+                r.id.get().into(),
+                r.event_id.get().into(),
+                r.user_id.as_str().to_owned().into(),
+                (r.quantity as i32).into(),
+                r.status.as_str().to_owned().into(),
+                r.idempotency_key.as_ref().map(|k| k.as_str().to_owned()).into(),
+                r.expires_at.into(),
+                r.created_at.into(),
+                r.created_at.into(),
+            ]);
+        }
+        // why FOR SHARE: a ledger rebuild bumps the generation with an UPDATE of this row,
+        // which waits for every insert holding the share lock and makes later ones see the
+        // new generation; so no insert from the old generation lands after the rebuild read.
+        let sql = format!(
+            "WITH fence AS (SELECT 1 FROM events WHERE id = $1 AND ledger_generation = $2 FOR SHARE) \
                  INSERT INTO reservations ({RETURNING}) \
                  SELECT v.* FROM (VALUES {}) AS v({RETURNING}) WHERE EXISTS (SELECT 1 FROM fence)",
-                tuples.join(", ")
-            );
-            (
-                Statement::from_sql_and_values(DbBackend::Postgres, sql, values),
-                chunk.len(),
-            )
-        })
-        .collect()
+            tuples.join(", ")
+        );
+        (
+            Statement::from_sql_and_values(DbBackend::Postgres, sql, values),
+            chunk.len(),
+        )
+    })
+    .collect()
 }
 
 /// The event's current ledger generation.

@@ -10,7 +10,7 @@ mod queries;
 mod user_index;
 
 pub use batch::{WriteOp, apply_batch};
-pub use connect::{Backend, connect, migrate};
+pub use connect::{Backend, STATEMENT_BYTES, connect, migrate, statement_runs};
 pub use fenced::{Rebuild, Recorded, Tombstone, ledger_generation, settle, transition};
 pub use queries::{
     EventState, create_event, events_with_holds, find_event, find_reservation, granted_users,

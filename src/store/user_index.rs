@@ -36,6 +36,8 @@ type Reservations = SmallVec<[Uuid; 1]>;
 
 pub struct UserIndex {
     seed: foldhash::fast::RandomState,
+    /// Written once per committed batch by the persister, read by `GET /v1/me/reservations`; the
+    /// claim path (handler → event actor) never touches it.
     by_user: RwLock<HashMap<u64, Reservations, foldhash::fast::RandomState>>,
 }
 

@@ -13,7 +13,38 @@ on_every_backend!(
     fifteen_hundred_clients_claiming_one_thousand_units_get_exactly_one_thousand,
     three_events_stampeded_at_once_each_sell_exactly_their_stock,
     with_tiny_batches_and_one_thread_each_the_stampede_is_still_exact,
+    a_burst_of_claims_with_the_longest_ids_and_keys_all_land,
 );
+
+/// 400 concurrent claims whose user ids (128 characters) and idempotency keys (255) are as long
+/// as allowed: batches of such rows are cut into several statements by size on PostgreSQL and
+/// MySQL. Every claim is answered 201, and every one is a row with its own key.
+async fn a_burst_of_claims_with_the_longest_ids_and_keys_all_land(backend: Backend) -> anyhow::Result<()> {
+    // Arrange
+    let app = TestApp::spawn(backend).await?;
+    let event = app.coupon_event(1_000, 1).await?;
+    let long = |prefix: &str, i: usize, len: usize| {
+        let tag = format!("{prefix}{i:04}");
+        format!("{tag}{}", "x".repeat(len - tag.len()))
+    };
+
+    // Act
+    let claims = (0..400).map(|i| {
+        let (app, user, key) = (&app, long("u", i, 128), long("k", i, 255));
+        async move { app.reserve(event, &user, None, Some(&key)).await }
+    });
+    let replies = futures_util::future::try_join_all(claims).await?;
+
+    // Assert
+    let created = replies.iter().filter(|r| r.status == 201).count();
+    assert_eq!(created, 400, "{:?}", replies.iter().find(|r| r.status != 201));
+    let rows = app.db.reservations(event).await?;
+    let keys: HashSet<&str> = rows.iter().filter_map(|r| r.idempotency_key.as_deref()).collect();
+    assert_eq!((rows.len(), keys.len()), (400, 400));
+    assert!(keys.iter().all(|k| k.len() == 255));
+    assert_eq!(app.counts(event).await?.sold, 400);
+    Ok(())
+}
 
 async fn fifteen_hundred_clients_claiming_one_thousand_units_get_exactly_one_thousand(
     backend: Backend,
