@@ -1,7 +1,7 @@
 //! The persister's group commit: every write gathered since the last commit, applied atomically.
 //!
 //! New reservations, the hot path, go in as few statements as possible. On SQLite the rows travel
-//! as one JSON parameter that SQLite unpacks itself (`json_each`): the SQL text never changes, so
+//! as one JSON parameter that SQLite unpacks itself (`jsonb_each`): the SQL text never changes, so
 //! it is prepared once and cached, there is no bind limit to cut at, and building it costs one
 //! `serde_json` call instead of nine bound values per row. PostgreSQL and MySQL get multi-row
 //! `INSERT`s cut at [`Backend::params_per_statement`].
@@ -49,10 +49,14 @@ const RESERVATION_COLUMNS: usize = 9;
 
 /// Rows arrive as a JSON array of arrays, in [`json_row`]'s order. `unhex` turns the id back into
 /// the 16-byte blob sqlx stores for a `Uuid`; timestamps are the RFC 3339 text it stores.
+///
+/// why `jsonb_each`: it hands each row to the `->>` operators in SQLite's binary JSON, which they
+/// read directly; `json_each` renders every row back to JSON text that each of the nine `->>`
+/// then parses again.
 const SQLITE_INSERT_JSON: &str = "INSERT INTO reservations \
     (id, event_id, user_id, quantity, status, idempotency_key, expires_at, created_at, updated_at) \
     SELECT unhex(value ->> 0), value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
-    value ->> 6, value ->> 7, value ->> 7 FROM json_each(?)";
+    value ->> 6, value ->> 7, value ->> 7 FROM jsonb_each(?)";
 
 /// Applies `ops` atomically, in order: inserts, then status changes, then event updates.
 /// why that order is safe: an actor never changes a reservation before its insert committed, and
