@@ -3,8 +3,10 @@
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
+use actix_web::web::Bytes;
 use actix_web::{HttpResponse, ResponseError};
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -94,9 +96,21 @@ pub const RETRY_AFTER_SECONDS: u32 = 1;
 pub struct ApiError {
     pub code: Code,
     pub detail: Cow<'static, str>,
-    /// Extension members added to the body (e.g. `remaining`).
-    pub extra: Map<String, Value>,
+    /// Extension members added to the body (e.g. `remaining`), by [`ApiError::with`].
+    extra: Map<String, Value>,
+    /// The body, rendered once in advance from the fields above (see [`ApiError::sold_out`]).
+    rendered: Option<Bytes>,
 }
+
+/// The sold-out refusal, body rendered once.
+///
+/// why: it is the answer most of a stampede gets, from memory and as fast as the server can
+/// answer at all; serializing the same problem document for each of them is wasted work.
+static SOLD_OUT: LazyLock<ApiError> = LazyLock::new(|| {
+    let error = ApiError::new(Code::SoldOut, "Nothing is left.").with("remaining", 0);
+    let rendered = Some(Bytes::from(error.render()));
+    ApiError { rendered, ..error }
+});
 
 impl ApiError {
     pub fn new(code: Code, detail: impl Into<Cow<'static, str>>) -> Self {
@@ -104,12 +118,32 @@ impl ApiError {
             code,
             detail: detail.into(),
             extra: Map::new(),
+            rendered: None,
         }
     }
 
     pub fn with(mut self, member: &str, value: impl Into<Value>) -> Self {
         self.extra.insert(member.to_owned(), value.into());
+        self.rendered = None;
         self
+    }
+
+    /// 409 `sold_out`: nothing is left (`remaining` 0).
+    pub fn sold_out() -> Self {
+        SOLD_OUT.clone()
+    }
+
+    /// The problem+json body.
+    fn render(&self) -> Vec<u8> {
+        let problem = Problem {
+            kind: self.code.type_uri(),
+            title: self.code.title(),
+            status: self.code.status().as_u16(),
+            detail: &self.detail,
+            code: self.code.name(),
+            extra: &self.extra,
+        };
+        serde_json::to_vec(&problem).unwrap_or_default()
     }
 
     /// 503 `unavailable` with `Retry-After`, for a reason other than the database.
@@ -140,15 +174,10 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let problem = Problem {
-            kind: self.code.type_uri(),
-            title: self.code.title(),
-            status: self.code.status().as_u16(),
-            detail: &self.detail,
-            code: self.code.name(),
-            extra: &self.extra,
+        let body = match &self.rendered {
+            Some(rendered) => rendered.clone(),
+            None => Bytes::from(self.render()),
         };
-        let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = HttpResponse::build(self.code.status());
         response.insert_header((
             header::CONTENT_TYPE,
@@ -168,5 +197,37 @@ impl ResponseError for ApiError {
             response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge)));
         }
         response.body(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::body::MessageBody;
+
+    fn body(error: &ApiError) -> anyhow::Result<Value> {
+        let bytes = error
+            .error_response()
+            .into_body()
+            .try_into_bytes()
+            .map_err(|_| anyhow::anyhow!("a streamed body"))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    #[test]
+    fn the_prerendered_sold_out_body_is_the_one_its_fields_render() -> anyhow::Result<()> {
+        let fresh = ApiError::new(Code::SoldOut, "Nothing is left.").with("remaining", 0);
+        assert_eq!(body(&ApiError::sold_out())?, body(&fresh)?);
+        assert_eq!(body(&fresh)?["remaining"], 0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_member_added_to_the_sold_out_refusal_is_rendered() -> anyhow::Result<()> {
+        let error = ApiError::sold_out().with("event_id", 7);
+        let rendered = body(&error)?;
+        assert_eq!(rendered["event_id"], 7, "{rendered}");
+        assert_eq!(rendered["remaining"], 0, "{rendered}");
+        Ok(())
     }
 }

@@ -160,6 +160,18 @@ impl Registry {
         &self.live
     }
 
+    /// Whether event `id`'s actor runs here and its admission gate says sold out at `now`.
+    ///
+    /// why not [`Registry::actor`]: a sold-out refusal needs only the gate, and cloning the
+    /// whole handle (the actor's address and three shared pointers) for it, then dropping it, is
+    /// a run of atomic counter updates that both HTTP workers contend on, for every refusal.
+    pub fn sold_out(&self, id: EventId, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.actors
+            .pin()
+            .get(&id)
+            .is_some_and(|handle| handle.admission.sold_out(now))
+    }
+
     /// The actor of event `id`, started if needed; `None` if no such event exists.
     pub async fn actor(&self, id: EventId) -> anyhow::Result<Option<EventHandle>> {
         if let Some(addr) = self.actors.pin().get(&id) {

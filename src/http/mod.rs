@@ -48,10 +48,14 @@ pub struct AppState {
 }
 
 /// Registers every route.
+///
+/// why this order: actix-web tries resources in registration order, and each pattern with an
+/// `{id}` is a regex match. The probes and the reservation routes, the hot ones, come first, so
+/// a reservation is not first tried against `/v1/events/{id}`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     health::configure(cfg);
-    events::configure(cfg);
     reservations::configure(cfg);
+    events::configure(cfg);
     admin::configure(cfg);
     bulk::configure(cfg);
     observe::configure(cfg);
@@ -111,12 +115,11 @@ pub fn problem_safety_net<B>(res: ServiceResponse<B>) -> actix_web::Result<Error
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
         if refusal == Refusal::SoldOut {
-            // The hottest refusal: no formatting.
-            return ApiError::new(Code::SoldOut, "Nothing is left.").with("remaining", 0);
+            return ApiError::sold_out();
         }
         let detail = refusal.to_string();
         match refusal {
-            Refusal::SoldOut => ApiError::new(Code::SoldOut, detail).with("remaining", 0),
+            Refusal::SoldOut => ApiError::sold_out(),
             Refusal::InsufficientStock { remaining } => {
                 ApiError::new(Code::InsufficientStock, detail).with("remaining", remaining)
             }

@@ -90,11 +90,12 @@ async fn reserve_units(
         None => Quantity::ONE,
         Some(raw) => Quantity::parse(raw).map_err(|e| ApiError::new(Code::InvalidQuantity, e.0))?,
     };
-    let event = event_actor(&state, id).await?;
-    // A retry with a key goes to the actor, which replays its first answer.
-    if key.is_none() && event.admission.sold_out(crate::domain::now()) {
-        return Err(Refusal::SoldOut.into());
+    // A retry with a key goes to the actor, which replays its first answer. An event whose actor
+    // is not running yet is not known to be sold out: its actor starts and answers.
+    if key.is_none() && state.registry.sold_out(id, crate::domain::now()) {
+        return Err(ApiError::sold_out());
     }
+    let event = event_actor(&state, id).await?;
     let (reply, answer) = reply_channel();
     send_queued(
         &event,

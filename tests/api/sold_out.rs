@@ -13,7 +13,8 @@ on_every_backend!(
     closing_a_sold_out_event_answers_closed,
 );
 
-/// A one-unit coupon event whose unit ana holds, and a first refusal (to ben) seen.
+/// A one-unit coupon event whose unit ana holds, and a first refusal (to ben) seen, then a
+/// second (to cy), which the HTTP edge answers from the event's sold-out gate.
 async fn sold_out_event(backend: Backend) -> anyhow::Result<(TestApp, i64)> {
     let app = TestApp::spawn(backend).await?;
     let event = app.coupon_event(1, 1).await?;
@@ -21,6 +22,16 @@ async fn sold_out_event(backend: Backend) -> anyhow::Result<(TestApp, i64)> {
     app.reserve(event, "ben", None, None)
         .await?
         .assert_problem(409, "sold_out");
+    let refusal = app.reserve(event, "cy", None, None).await?;
+    refusal.assert_problem(409, "sold_out");
+    assert_eq!(
+        refusal.body,
+        json!({
+            "type": "urn:firstcome:problem:sold_out", "title": "Sold out", "status": 409,
+            "detail": "Nothing is left.", "code": "sold_out", "remaining": 0,
+        }),
+        "{refusal}"
+    );
     Ok((app, event))
 }
 
