@@ -97,19 +97,23 @@ pub struct ApiError {
     pub code: Code,
     pub detail: Cow<'static, str>,
     /// Extension members added to the body (e.g. `remaining`), by [`ApiError::with`].
-    extra: Map<String, Value>,
+    extra: Cow<'static, Map<String, Value>>,
     /// The body, rendered once in advance from the fields above (see [`ApiError::sold_out`]).
-    rendered: Option<Bytes>,
+    rendered: Option<&'static [u8]>,
 }
 
 /// The sold-out refusal, body rendered once.
 ///
 /// why: it is the answer most of a stampede gets, from memory and as fast as the server can
-/// answer at all; serializing the same problem document for each of them is wasted work.
+/// answer at all; serializing the same problem document for each of them is wasted work. Its
+/// copies borrow the members and the body from here, so answering one allocates nothing of ours.
 static SOLD_OUT: LazyLock<ApiError> = LazyLock::new(|| {
     let error = ApiError::new(Code::SoldOut, "Nothing is left.").with("remaining", 0);
-    let rendered = Some(Bytes::from(error.render()));
-    ApiError { rendered, ..error }
+    let body: &'static [u8] = Box::leak(error.render().into_boxed_slice());
+    ApiError {
+        rendered: Some(body),
+        ..error
+    }
 });
 
 impl ApiError {
@@ -117,20 +121,26 @@ impl ApiError {
         Self {
             code,
             detail: detail.into(),
-            extra: Map::new(),
+            extra: Cow::Owned(Map::new()),
             rendered: None,
         }
     }
 
     pub fn with(mut self, member: &str, value: impl Into<Value>) -> Self {
-        self.extra.insert(member.to_owned(), value.into());
+        self.extra.to_mut().insert(member.to_owned(), value.into());
         self.rendered = None;
         self
     }
 
     /// 409 `sold_out`: nothing is left (`remaining` 0).
     pub fn sold_out() -> Self {
-        SOLD_OUT.clone()
+        let cached: &'static ApiError = &SOLD_OUT;
+        Self {
+            code: cached.code,
+            detail: Cow::Borrowed(&cached.detail),
+            extra: Cow::Borrowed(&cached.extra),
+            rendered: cached.rendered,
+        }
     }
 
     /// The problem+json body.
@@ -175,7 +185,7 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let body = match &self.rendered {
-            Some(rendered) => rendered.clone(),
+            Some(rendered) => Bytes::from_static(rendered),
             None => Bytes::from(self.render()),
         };
         let mut response = HttpResponse::build(self.code.status());
