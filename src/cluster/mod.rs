@@ -66,6 +66,16 @@ struct Scripts {
     rate: Script,
 }
 
+/// What [`Cluster::ensure_ledger`] finds before it serves an event.
+enum LedgerState {
+    /// The event no longer exists.
+    Gone,
+    /// Redis holds a ledger of this, the event's current, generation.
+    Usable(i64),
+    /// No ledger, or one of an older generation: it must be rebuilt.
+    Stale,
+}
+
 /// The global counts of one event, as the ledger last reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counts {
@@ -530,14 +540,10 @@ impl Cluster {
     /// PostgreSQL if needed (one node at a time). Returns that generation, or `None` if the event
     /// no longer exists.
     pub async fn ensure_ledger(&self, event: EventId) -> anyhow::Result<Option<i64>> {
-        let Some(generation) = store::ledger_generation(&self.db, event).await? else {
-            return Ok(None);
-        };
-        if generation > 0 {
-            match self.report(event, generation, &[]).await? {
-                Answer::Ok(..) => return Ok(Some(generation)),
-                Answer::NoLedger | Answer::Generation(_) => {}
-            }
+        match self.ledger_state(event).await? {
+            LedgerState::Gone => return Ok(None),
+            LedgerState::Usable(generation) => return Ok(Some(generation)),
+            LedgerState::Stale => {}
         }
         let lock = self.lock_key(event);
         let mut redis = self.redis.clone();
@@ -556,7 +562,15 @@ impl Cluster {
         if !locked {
             bail!("another node is rebuilding the ledger of event {event}");
         }
-        let rebuilt = self.rebuild(event).await;
+        // why: another node may have rebuilt the ledger between the check above and taking the
+        // lock. Rebuilding it again would bump the generation once more and fail every
+        // allocation made under the first rebuild (503 for requests that did nothing wrong).
+        let rebuilt = match self.ledger_state(event).await {
+            Ok(LedgerState::Gone) => Ok(None),
+            Ok(LedgerState::Usable(generation)) => Ok(Some(generation)),
+            Ok(LedgerState::Stale) => self.rebuild(event).await,
+            Err(error) => Err(error),
+        };
         let mut invocation = self.scripts.unlock.prepare_invoke();
         invocation.key(&lock).arg(&self.node);
         let unlocked: anyhow::Result<i64> = self.timed(invocation.invoke_async(&mut redis)).await;
@@ -564,6 +578,20 @@ impl Cluster {
             tracing::warn!(event = %event, error = format!("{error:#}"), "cannot release the rebuild lock; it expires by itself");
         }
         rebuilt
+    }
+
+    /// Whether Redis holds a ledger of the event's current generation.
+    async fn ledger_state(&self, event: EventId) -> anyhow::Result<LedgerState> {
+        let Some(generation) = store::ledger_generation(&self.db, event).await? else {
+            return Ok(LedgerState::Gone);
+        };
+        if generation > 0 {
+            match self.report(event, generation, &[]).await? {
+                Answer::Ok(..) => return Ok(LedgerState::Usable(generation)),
+                Answer::NoLedger | Answer::Generation(_) => {}
+            }
+        }
+        Ok(LedgerState::Stale)
     }
 
     async fn rebuild(&self, event: EventId) -> anyhow::Result<Option<i64>> {

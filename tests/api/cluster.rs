@@ -45,6 +45,8 @@ const MOST_UNREAD: usize = 1_000;
 const EXTRA_DEMAND: usize = 50;
 /// The pause between two such waves.
 const WAVE_PAUSE: Duration = Duration::from_millis(100);
+/// Fresh events raced for by three nodes at once: each a chance for two of them to build its ledger.
+const FIRST_USE_EVENTS: usize = 30;
 
 // ---------------------------------------------------------------------------------------------
 // Shared steps
@@ -382,6 +384,37 @@ async fn concurrent_requests_with_one_key_across_three_nodes_create_one_reservat
     assert_eq!(active_units(&rows), (1, 2), "one reservation in the database");
     assert!(ids.contains(&rows[0].id.to_string()), "{ids:?} vs {rows:?}");
     assert_counts_everywhere(&cluster, event, (98, 2, 0)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_first_used_on_three_nodes_at_once_have_their_ledger_built_once() -> anyhow::Result<()> {
+    // Arrange: events no node has served yet.
+    let cluster = Cluster::on_shared_redis(3, &[]).await?;
+    let mut events = Vec::new();
+    for _ in 0..FIRST_USE_EVENTS {
+        events.push(cluster.node(0).coupon_event(100, 1).await?);
+    }
+
+    for event in events {
+        // Act: every node gets its first claims for the event at the same instant.
+        let path = format!("/v1/events/{event}/reservations");
+        let requests = (0..9).map(|i| {
+            let node = cluster.node(i % 3);
+            send(node.as_user(Method::POST, &path, &format!("user-{i}")))
+        });
+        let replies = futures_util::future::join_all(requests).await;
+
+        // Assert
+        for reply in replies {
+            reply?.assert_status(201);
+        }
+        assert_eq!(
+            cluster.db.ledger_generation(event).await?,
+            1,
+            "event {event}: one ledger built, not one per node that raced for it"
+        );
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -368,6 +368,18 @@ impl TestDb {
         count.with_context(|| format!("reading events.bulk_issued of event {event_id}"))
     }
 
+    /// `events.ledger_generation` of `event_id` (PostgreSQL): how often its Redis ledger was built.
+    pub async fn ledger_generation(&self, event_id: i64) -> anyhow::Result<i64> {
+        let Pool::Postgres(pool) = self.pool().await? else {
+            bail!("the Redis ledger runs on PostgreSQL only");
+        };
+        sqlx::query_scalar("SELECT ledger_generation FROM events WHERE id = $1")
+            .bind(event_id)
+            .fetch_one(pool)
+            .await
+            .with_context(|| format!("reading events.ledger_generation of event {event_id}"))
+    }
+
     /// How many rows the `bulk_jobs` table holds.
     pub async fn job_count(&self) -> anyhow::Result<i64> {
         let sql = "SELECT count(*) FROM bulk_jobs";
