@@ -201,14 +201,22 @@ pub struct BulkGrant {
     pub fence: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
-/// The outcome of a chunk: `Some(inserted)` once its transaction committed (rows inserted; the
-/// rest of the granted users already held a grant, and their units go back), `None` if it
-/// rolled back (every unit goes back).
+/// The outcome of a chunk: `Some` once its transaction committed, `None` if it rolled back
+/// (every unit goes back).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct BulkEnd {
     pub epoch: u64,
-    pub inserted: Option<u64>,
+    pub committed: Option<ChunkCommitted>,
+}
+
+/// What a committed chunk did.
+#[derive(Debug, Default)]
+pub struct ChunkCommitted {
+    /// Rows inserted. The rest of the granted users already held a grant; their units go back.
+    pub inserted: u64,
+    /// The chunk's users still without a grant: stock ran out before them.
+    pub unissued: Vec<UserId>,
 }
 
 /// Re-read the event's state from the database (after grants were revoked).
@@ -790,12 +798,16 @@ impl EventActor {
         let Some(chunk) = ledger.chunk.take() else {
             return;
         };
-        if let Some(inserted) = msg.inserted {
-            ledger.bulk += inserted.min(chunk.units);
-            // Every user of a committed chunk holds a grant now (inserted, or held already).
+        if let Some(committed) = msg.committed {
+            ledger.bulk += committed.inserted.min(chunk.units);
+            // why: a user left unissued holds nothing; marking them would refuse their live
+            // claims `limit_reached` for good, even once stock comes back.
+            let unissued: HashSet<&UserId> = committed.unissued.iter().collect();
+            // Every other user of a committed chunk holds a grant now (inserted, or held already).
             for user in &chunk.users {
-                if ledger.grants.contains_key(user) || self.waiting.contains_key(user) {
-                    ledger.grants.insert(user.clone(), true);
+                let known = ledger.grants.contains_key(user) || self.waiting.contains_key(user);
+                if known {
+                    ledger.grants.insert(user.clone(), !unissued.contains(user));
                 }
             }
         }
@@ -1426,6 +1438,61 @@ mod tests {
             replay.reservation, first.reservation,
             "the first answer, byte for byte"
         );
+        Ok(())
+    }
+
+    #[actix_rt::test]
+    async fn a_user_left_unissued_by_a_bulk_chunk_can_claim_once_stock_comes_back() -> anyhow::Result<()> {
+        // Arrange: one unit for a chunk of two users, so `late` is left unissued; `late`'s live
+        // claim arrives while the chunk is in flight and waits for it.
+        let h = harness(r#"{"name":"bulk","kind":"coupon","stock":1}"#).await?;
+        let (first, late) = (UserId::parse("first")?, UserId::parse("late")?);
+        let mut grant = h
+            .actor
+            .send(BulkBegin(vec![first.clone(), late.clone()]))
+            .await??;
+        assert_eq!(
+            (grant.insert.clone(), grant.unissued.clone()),
+            (vec![first], vec![late.clone()])
+        );
+        let (reply, waiting) = reply_channel();
+        let claim_during = Reserve {
+            user: late.clone(),
+            quantity: Quantity::ONE,
+            key: None,
+            reply,
+        };
+        h.actor.send(claim_during).await?;
+
+        // Act: the chunk commits its one grant.
+        drop(grant.fence.take());
+        let committed = ChunkCommitted {
+            inserted: 1,
+            unissued: vec![late.clone()],
+        };
+        h.actor.do_send(BulkEnd {
+            epoch: grant.epoch,
+            committed: Some(committed),
+        });
+        let during = waiting.await;
+        h.actor
+            .send(UpdateEvent(EventPatch {
+                stock: Some(2),
+                ..EventPatch::default()
+            }))
+            .await??;
+        let after = claim(&h.actor, "late", None).await?;
+
+        // Assert
+        assert_eq!(
+            during.err(),
+            Some(Refusal::SoldOut),
+            "nothing was left for the waiting claim"
+        );
+        let after = after.map_err(|refusal| anyhow::anyhow!("refused once stock came back: {refusal}"))?;
+        assert_eq!(after.reservation.user_id, late);
+        let snapshot = h.actor.send(Snapshot).await??;
+        assert_eq!((snapshot.remaining, snapshot.sold), (0, 2));
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 //! source ──chunk of targets──> runner ──BulkBegin──> EventActor   (skips holders, takes units)
 //!                                 │  <──BulkGrant───
 //!                                 ├──one transaction: grants + events.bulk_issued + job progress
-//!                                 └──BulkEnd(inserted)──> EventActor   (counts them, releases the rest)
+//!                                 └──BulkEnd(committed)─> EventActor   (counts them, releases the rest)
 //! ```
 //!
 //! - **Exact with live claims.** The event actor stays the single writer of the event's stock: a

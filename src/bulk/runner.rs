@@ -19,7 +19,7 @@ use super::source::{self, Reader, TableReader};
 use super::webhook::{JobEvent, JobEventKind, Notifier};
 use super::write::{GrantTxn, Progress};
 use super::{InvalidLine, Job, JobSource, JobState, MAX_INVALID_KEPT, SourceDatabase, Totals};
-use crate::actors::event::{BulkBegin, BulkEnd, BulkGrant, Reload};
+use crate::actors::event::{BulkBegin, BulkEnd, BulkGrant, ChunkCommitted, Reload};
 use crate::actors::{EventActor, Refusal, Registry, WriteGate};
 use crate::domain::{EventId, UserId};
 use crate::store::Backend;
@@ -501,10 +501,13 @@ impl BulkRunner {
                         let _fence = grant.fence.take();
                         let epoch = grant.epoch;
                         let granted = asked.elapsed();
-                        let attempt = self.insert_chunk(job, grant, &totals, chunk, &invalid_json).await;
+                        let mut attempt = self.insert_chunk(job, grant, &totals, chunk, &invalid_json).await;
                         actor.do_send(BulkEnd {
                             epoch,
-                            inserted: attempt.as_ref().ok().map(|a| a.inserted),
+                            committed: attempt.as_mut().ok().map(|a| ChunkCommitted {
+                                inserted: a.inserted,
+                                unissued: std::mem::take(&mut a.unissued),
+                            }),
                         });
                         if let Ok(done) = &attempt {
                             tracing::debug!(
@@ -614,6 +617,7 @@ impl BulkRunner {
             .context("committing a chunk")?;
         Ok(Inserted {
             inserted,
+            unissued,
             totals,
             exhausted,
             insert_time,
@@ -649,6 +653,8 @@ struct Chunk {
 
 struct Inserted {
     inserted: u64,
+    /// The chunk's users left without a grant (stock ran out), for the actor.
+    unissued: Vec<UserId>,
     totals: Totals,
     exhausted: bool,
     insert_time: Duration,
