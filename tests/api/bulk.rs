@@ -937,8 +937,13 @@ async fn live_claims_during_a_job_never_oversell_and_nobody_holds_both(
     let live = i64::try_from(outcome.granted.len())?;
     eprintln!(
         "{backend:?}: {live} live claims granted while the job ran (at the end of the stampede it was \
-         {} with {} issued); refused {:?}; job {totals:?}",
-        during["state"], during["totals"]["issued"], outcome.refused
+         {} with {} issued); refused {:?}; unanswered {}; sent again {}; slowest {:?}; job {totals:?}",
+        during["state"],
+        during["totals"]["issued"],
+        outcome.refused,
+        outcome.unanswered.len(),
+        outcome.retried,
+        outcome.slowest
     );
     assert!(outcome.unanswered.is_empty(), "{:?}", outcome.unanswered.first());
     assert!(
@@ -952,7 +957,7 @@ async fn live_claims_during_a_job_never_oversell_and_nobody_holds_both(
     assert_eq!(
         live + totals.issued,
         stock,
-        "live claims plus grants are the stock exactly"
+        "live claims plus grants are the stock exactly: {live} live, job {totals:?}"
     );
     assert_eq!(job["stock_exhausted"], true, "{job}");
     assert!(totals.adds_up() && totals.read == targets, "{job}");

@@ -2,13 +2,14 @@
 //! database ([`TestApp::spawn`]), a small typed client for the routes, direct SQL reads of what
 //! is durable ([`TestDb::reservations`]), and the stampede driver with its exactness check.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, Once};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -625,6 +626,7 @@ impl TestApp {
         args: Vec<String>,
         log: PathBuf,
     ) -> anyhow::Result<TestApp> {
+        remember_panics();
         let client = Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(20))
@@ -957,8 +959,36 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("--- end of the server log ---\n{}", log_tail(&self.log, 20));
+            // why: a failure's output is often read from its end (CI keeps the tail), where the
+            // server logs would otherwise bury the assertion that failed.
+            if let Some(failure) = last_panic() {
+                eprintln!("--- the test failed: {failure}");
+            }
         }
     }
+}
+
+/// The last panic message of each thread, so [`TestApp`]'s drop can repeat it after the log.
+static LAST_PANICS: LazyLock<Mutex<HashMap<ThreadId, String>>> = LazyLock::new(Mutex::default);
+
+/// Installs (once) a panic hook that records each panic's message before the default hook
+/// prints it.
+fn remember_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(mut panics) = LAST_PANICS.lock() {
+                panics.insert(std::thread::current().id(), info.to_string());
+            }
+            default(info);
+        }));
+    });
+}
+
+fn last_panic() -> Option<String> {
+    let panics = LAST_PANICS.lock().ok()?;
+    panics.get(&std::thread::current().id()).cloned()
 }
 
 /// An event's live counts as `GET /v1/events/{id}` shows them.
