@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Server CPU time per request, per thread: what a reservation costs compared with GET /healthz.
-# Steadier than req/s on a shared machine, because it counts the server's own CPU time
-# (utime + stime from /proc/<pid>/task/*/stat) rather than wall-clock throughput.
+# CPU time per request, per server thread: what a reservation costs compared with GET /healthz.
+# Steadier than req/s on a shared machine, because it counts CPU time (utime + stime from
+# /proc/<pid>/task/*/stat) rather than wall-clock throughput. Also the load generator's CPU time
+# (it shares the cores) and, on PostgreSQL, that of every `postgres` process on the machine: the
+# sum bounds what two cores can serve, 2 s of CPU per second / (µs per request).
 #
 #   bench/cpu_per_request.sh            # SQLite in target/bench, 256 connections, 6 s per run
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/somedb bench/cpu_per_request.sh
@@ -30,16 +32,41 @@ event=$(curl -sf -X POST "$base/v1/events" -H "Authorization: Bearer $token" \
 
 snapshot() { for t in /proc/$server/task/*; do echo "$(basename "$t") $(tr ' ' _ < "$t/comm") $(awk '{print $14+$15}' "$t/stat")"; done | sort; }
 
+# The CPU ticks of every `postgres` process (0 when there is none).
+postgres_ticks() {
+  local total=0 pid t
+  for pid in $(pgrep -x postgres || true); do
+    t=$(awk '{print $14+$15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    total=$((total + t))
+  done
+  echo "$total"
+}
+
+# The CPU seconds of this shell's waited-for children (user + system), from `times` in a file:
+# in a command substitution it would report the substitution's own children.
+children_seconds() { tail -n1 "$1" | tr 'ms' '  ' | awk '{print $1*60 + $2 + $3*60 + $4}'; }
+
 measure() { # name, loadgen args...
   local name=$1; shift
   snapshot > "$dir/before"
-  local out; out=$(target/release/loadgen rate --connections "$CONNECTIONS" --warmup 0 --duration "$DURATION" "$@")
+  local pg_before; pg_before=$(postgres_ticks)
+  times > "$dir/times.before"
+  # Not in a command substitution: its CPU time must accrue to this shell for `times`.
+  target/release/loadgen rate --connections "$CONNECTIONS" --warmup 0 --duration "$DURATION" "$@" > "$dir/loadgen.json"
+  times > "$dir/times.after"
+  local pg_after; pg_after=$(postgres_ticks)
+  local children_before children_after
+  children_before=$(children_seconds "$dir/times.before"); children_after=$(children_seconds "$dir/times.after")
   snapshot > "$dir/after"
-  local requests; requests=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+  local requests; requests=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["requests"])' "$dir/loadgen.json")
   echo "## $name: $requests requests"
   join "$dir/before" "$dir/after" | awk -v n="$requests" -v hz="$tick" '
     { d = $5 - $3; total += d; if (d > 0) printf "  thread %-8s %-18s %6.1f us/request\n", $1, $2, d * 1e6 / hz / n }
-    END { printf "  all threads                         %6.1f us/request\n", total * 1e6 / hz / n }'
+    END { printf "  all server threads                  %6.1f us/request\n", total * 1e6 / hz / n }'
+  awk -v n="$requests" -v a="$children_before" -v b="$children_after" \
+    'BEGIN { printf "  load generator                      %6.1f us/request\n", (b - a) * 1e6 / n }'
+  awk -v n="$requests" -v hz="$tick" -v a="$pg_before" -v b="$pg_after" \
+    'BEGIN { if (b > a) printf "  postgres processes                  %6.1f us/request\n", (b - a) * 1e6 / hz / n }'
 }
 
 measure "GET /healthz" --url "$base/healthz"
