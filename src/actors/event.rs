@@ -801,12 +801,11 @@ impl EventActor {
         if let Some(committed) = msg.committed {
             ledger.bulk += committed.inserted.min(chunk.units);
             // why: a user left unissued holds nothing; marking them would refuse their live
-            // claims `limit_reached` for good, even once stock comes back.
+            // claims `limit_reached` until the actor reloads, even once stock comes back.
             let unissued: HashSet<&UserId> = committed.unissued.iter().collect();
             // Every other user of a committed chunk holds a grant now (inserted, or held already).
             for user in &chunk.users {
-                let known = ledger.grants.contains_key(user) || self.waiting.contains_key(user);
-                if known {
+                if ledger.grants.contains_key(user) || self.waiting.contains_key(user) {
                     ledger.grants.insert(user.clone(), !unissued.contains(user));
                 }
             }

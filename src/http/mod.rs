@@ -114,29 +114,30 @@ pub fn problem_safety_net<B>(res: ServiceResponse<B>) -> actix_web::Result<Error
 
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
-        if refusal == Refusal::SoldOut {
-            return ApiError::sold_out();
-        }
-        let detail = refusal.to_string();
-        match refusal {
+        // Rendered only where the detail is the refusal's text: the hottest refusal, sold out,
+        // formats nothing.
+        let detail = || refusal.to_string();
+        match &refusal {
             Refusal::SoldOut => ApiError::sold_out(),
             Refusal::InsufficientStock { remaining } => {
-                ApiError::new(Code::InsufficientStock, detail).with("remaining", remaining)
+                ApiError::new(Code::InsufficientStock, detail()).with("remaining", *remaining)
             }
-            Refusal::LimitReached { limit } => ApiError::new(Code::LimitReached, detail).with("limit", limit),
-            Refusal::NotOpen(at) => ApiError::new(Code::NotOpen, detail).with("opens_at", at.to_rfc3339()),
-            Refusal::Closed => ApiError::new(Code::Closed, detail),
+            Refusal::LimitReached { limit } => {
+                ApiError::new(Code::LimitReached, detail()).with("limit", *limit)
+            }
+            Refusal::NotOpen(at) => ApiError::new(Code::NotOpen, detail()).with("opens_at", at.to_rfc3339()),
+            Refusal::Closed => ApiError::new(Code::Closed, detail()),
             Refusal::QuantityOverMax { max } => {
-                ApiError::new(Code::InvalidQuantity, detail).with("max_per_request", max)
+                ApiError::new(Code::InvalidQuantity, detail()).with("max_per_request", *max)
             }
-            Refusal::HoldExpired => ApiError::new(Code::HoldExpired, detail),
-            Refusal::InvalidState(_) | Refusal::Ended => ApiError::new(Code::InvalidState, detail),
-            Refusal::KeyInFlight => ApiError::new(Code::IdempotencyInFlight, detail),
-            Refusal::KeyReused { .. } => ApiError::new(Code::IdempotencyKeyReused, detail),
-            Refusal::InvalidPatch(_) => ApiError::new(Code::InvalidEvent, detail),
+            Refusal::HoldExpired => ApiError::new(Code::HoldExpired, detail()),
+            Refusal::InvalidState(_) | Refusal::Ended => ApiError::new(Code::InvalidState, detail()),
+            Refusal::KeyInFlight => ApiError::new(Code::IdempotencyInFlight, detail()),
+            Refusal::KeyReused { .. } => ApiError::new(Code::IdempotencyKeyReused, detail()),
+            Refusal::InvalidPatch(_) => ApiError::new(Code::InvalidEvent, detail()),
             Refusal::UnknownReservation => ApiError::new(Code::ReservationNotFound, "No such reservation."),
             Refusal::EventGone => ApiError::new(Code::EventNotFound, "No such event."),
-            Refusal::Unavailable => ApiError::unavailable(detail),
+            Refusal::Unavailable => ApiError::unavailable(detail()),
         }
     }
 }
