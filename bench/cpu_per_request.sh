@@ -7,12 +7,14 @@
 #
 #   bench/cpu_per_request.sh            # SQLite in target/bench, 256 connections, 6 s per run
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/somedb bench/cpu_per_request.sh
+#   SERVER_BIN=/path/to/firstcome bench/cpu_per_request.sh   # another build of the server
 #
 # Needs the release binaries (cargo build --release -p firstcome -p loadgen), curl and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CONNECTIONS=${CONNECTIONS:-256}
+SERVER=${SERVER_BIN:-target/release/firstcome}
 DURATION=${DURATION:-6}
 dir=$(mktemp -d target/bench/cpu.XXXXXX 2>/dev/null || { mkdir -p target/bench && mktemp -d target/bench/cpu.XXXXXX; })
 url=${DATABASE_URL:-sqlite://$PWD/$dir/cpu.db}
@@ -20,7 +22,7 @@ token=cpu-bench-token
 tick=$(getconf CLK_TCK)
 
 # Rate limits off by default: one load-generator IP would be refused by the per-IP quotas.
-FIRSTCOME_ADMIN_TOKEN=$token FIRSTCOME_RATE_LIMIT=${FIRSTCOME_RATE_LIMIT:-false} RUST_LOG=warn target/release/firstcome serve \
+FIRSTCOME_ADMIN_TOKEN=$token FIRSTCOME_RATE_LIMIT=${FIRSTCOME_RATE_LIMIT:-false} RUST_LOG=warn "$SERVER" serve \
   --bind 127.0.0.1:0 --database-url "$url" > "$dir/stdout" 2> "$dir/stderr" &
 server=$!
 trap 'kill $server 2>/dev/null; rm -rf "$dir"' EXIT

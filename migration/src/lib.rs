@@ -7,6 +7,7 @@ mod m20261122_000002_create_reservations;
 mod m20261201_000003_ledger_generation;
 mod m20261201_000004_bulk_issuance;
 mod m20261201_000005_sqlite_user_index;
+mod m20261202_000006_reservations_event_fk;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000003_ledger_generation::Migration),
             Box::new(m20261201_000004_bulk_issuance::Migration),
             Box::new(m20261201_000005_sqlite_user_index::Migration),
+            Box::new(m20261202_000006_reservations_event_fk::Migration),
         ]
     }
 }

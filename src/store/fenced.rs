@@ -21,13 +21,10 @@ use super::convert::reservation_from_row;
 use super::queries::{EventState, load_event_state};
 use crate::domain::{EventId, Reservation, ReservationId, ReservationStatus, UserId};
 
-/// Columns of one reservation row; 2 more parameters carry the fence (event, generation).
-const COLUMNS: usize = 9;
 /// PostgreSQL's own bind limit is 65,535; statements stay small so they fit a few TCP segments.
 const PARAMS_PER_STATEMENT: usize = 1024;
 
-const RETURNING: &str =
-    "id, event_id, user_id, quantity, status, idempotency_key, expires_at, created_at, updated_at";
+const RETURNING: &str = super::batch::RESERVATION_COLUMN_NAMES;
 
 /// `$from, $from+1, …` for `count` parameters.
 fn placeholders(from: usize, count: usize) -> String {
@@ -37,50 +34,33 @@ fn placeholders(from: usize, count: usize) -> String {
         .join(", ")
 }
 
-/// The statements inserting `rows` of one event, allocated under ledger `generation`; each
-/// must insert all its rows (the caller checks), or the generation has moved on.
+/// The statements inserting `rows` of one event, allocated under ledger `generation`, each with
+/// its row count; each must insert all its rows (the caller checks), or the generation has moved
+/// on. The rows travel as JSON, as in the persister's unfenced insert.
 pub fn fenced_insert_statements(
     event: EventId,
     generation: i64,
     rows: &[&Reservation],
-) -> Vec<(Statement, usize)> {
-    super::statement_runs(
-        rows,
-        (PARAMS_PER_STATEMENT - 2) / COLUMNS,
-        super::batch::row_bytes,
-    )
-    .map(|chunk| {
-        let mut values: Vec<Value> = vec![event.get().into(), generation.into()];
-        let mut tuples = Vec::with_capacity(chunk.len());
-        for r in chunk {
-            tuples.push(format!("({})", placeholders(values.len() + 1, COLUMNS)));
-            values.extend([
-                r.id.get().into(),
-                r.event_id.get().into(),
-                r.user_id.as_str().to_owned().into(),
-                (r.quantity as i32).into(),
-                r.status.as_str().to_owned().into(),
-                r.idempotency_key.as_ref().map(|k| k.as_str().to_owned()).into(),
-                r.expires_at.into(),
-                r.created_at.into(),
-                r.created_at.into(),
-            ]);
-        }
-        // why FOR SHARE: a ledger rebuild bumps the generation with an UPDATE of this row,
-        // which waits for every insert holding the share lock and makes later ones see the
-        // new generation; so no insert from the old generation lands after the rebuild read.
-        let sql = format!(
-            "WITH fence AS (SELECT 1 FROM events WHERE id = $1 AND ledger_generation = $2 FOR SHARE) \
-                 INSERT INTO reservations ({RETURNING}) \
-                 SELECT v.* FROM (VALUES {}) AS v({RETURNING}) WHERE EXISTS (SELECT 1 FROM fence)",
-            tuples.join(", ")
-        );
-        (
-            Statement::from_sql_and_values(DbBackend::Postgres, sql, values),
-            chunk.len(),
-        )
-    })
-    .collect()
+) -> anyhow::Result<Vec<(Statement, usize)>> {
+    // why FOR SHARE: a ledger rebuild bumps the generation with an UPDATE of this row, which
+    // waits for every insert holding the share lock and makes later ones see the new
+    // generation; so no insert from the old generation lands after the rebuild read.
+    let sql = format!(
+        "WITH fence AS (SELECT 1 FROM events WHERE id = $1 AND ledger_generation = $2 FOR SHARE) \
+         INSERT INTO reservations ({RETURNING}) SELECT {} \
+         FROM jsonb_array_elements($3::text::jsonb) AS r WHERE EXISTS (SELECT 1 FROM fence)",
+        super::batch::POSTGRES_JSON_VALUES
+    );
+    Ok(super::batch::json_arrays(rows, super::STATEMENT_BYTES)?
+        .into_iter()
+        .map(|(json, count)| {
+            let values: [Value; 3] = [event.get().into(), generation.into(), json.into()];
+            (
+                Statement::from_sql_and_values(DbBackend::Postgres, sql.clone(), values),
+                count,
+            )
+        })
+        .collect())
 }
 
 /// The event's current ledger generation.
