@@ -3,7 +3,7 @@
 //! why: both check a foreign key once per inserted row, with a query that locks the parent row,
 //! and every reservation of a drop points at the same hot event row. Measured on PostgreSQL at
 //! 256 connections on one hot event (BENCHMARKS.md, "Reservations on PostgreSQL"): the check
-//! cost the database about 6 µs of CPU per reservation, a quarter of its work per row. The
+//! cost the database 6–8 µs of CPU per reservation, about a quarter of its work per row. The
 //! reference adds nothing the server does not already guarantee: only an event's actor inserts
 //! its reservations, after loading the event from this database, and events are never deleted
 //! (as for `bulk_grants`, which never had one). SQLite keeps its declared key: there the check

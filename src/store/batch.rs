@@ -65,8 +65,9 @@ const SQLITE_INSERT_JSON: &str = "INSERT INTO reservations \
 /// each connection prepares it once, and the server binds one parameter instead of nine per
 /// row. A multi-row `INSERT` has a text of its own for every row count (up to 113 of them, past
 /// sqlx's cache of 100 statements per connection), each parsed and planned by PostgreSQL when
-/// first seen. Measured side by side on the hot path: about 3 µs less server CPU per
-/// reservation, the same PostgreSQL CPU (BENCHMARKS.md, "Reservations on PostgreSQL").
+/// first seen. Measured side by side on the hot path: a few µs less server CPU per reservation
+/// (lower in five of six pairs), the same PostgreSQL CPU (BENCHMARKS.md, "Reservations on
+/// PostgreSQL").
 fn postgres_insert_json() -> String {
     format!(
         "INSERT INTO reservations ({RESERVATION_COLUMN_NAMES}) SELECT {POSTGRES_JSON_VALUES} \
