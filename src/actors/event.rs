@@ -887,6 +887,7 @@ impl EventActor {
     fn committed(&mut self, msg: Committed, ctx: &mut Context<Self>) {
         let failed = msg.outcome.is_err();
         let mut reload = false;
+        let mut answers = Vec::with_capacity(msg.seqs.len());
         for seq in msg.seqs {
             let Some(pending) = self.pending.remove(&seq) else {
                 continue;
@@ -895,7 +896,7 @@ impl EventActor {
             if failed {
                 reload |= current;
                 if let Some(reply) = pending.reply {
-                    answer(reply, Err(Refusal::Unavailable));
+                    answers.push((reply, Err(Refusal::Unavailable)));
                 }
                 continue;
             }
@@ -904,13 +905,21 @@ impl EventActor {
                 ledger.settle(&pending);
             }
             if let Some(reply) = pending.reply {
-                answer(reply, Ok(pending.reservation));
+                answers.push((reply, Ok(pending.reservation)));
             }
         }
+        // why: the edge's sold-out gate is brought up to date before anyone hears of the commit.
+        // A client told its cancel succeeded (or its claim failed) may claim again at once, on
+        // another thread, and must not be refused `sold_out` by the gate of the state before.
         if reload {
             self.reload(ctx);
         } else {
             self.publish();
+        }
+        for (reply, result) in answers {
+            answer(reply, result);
+        }
+        if !reload {
             self.publish_live(ctx);
         }
     }
@@ -1342,43 +1351,66 @@ mod tests {
         db: DatabaseConnection,
         actor: Addr<EventActor>,
         lifecycle: Arc<Lifecycle>,
+        /// What the actor publishes for the HTTP edge.
+        admission: Arc<Admission>,
+    }
+
+    /// Where a harness runs its actors.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Threads {
+        /// On the test's own thread.
+        Test,
+        /// The event actor and the persister each on an arbiter of its own, as in the server,
+        /// so the test's thread can watch what the actor publishes while the actor runs.
+        Own,
     }
 
     /// A real SQLite database, a persister, and one supervised event actor.
     async fn harness(spec: &str) -> anyhow::Result<Harness> {
+        harness_with(spec, Threads::Test).await
+    }
+
+    async fn harness_with(spec: &str, threads: Threads) -> anyhow::Result<Harness> {
         let dir = tempfile::tempdir()?;
         let url = format!("sqlite://{}", dir.path().join("test.db").display());
         let db = store::connect(&url, 4).await?;
         store::migrate(&db).await?;
         let spec: EventSpec = serde_json::from_str(spec)?;
         let event = store::create_event(&db, spec.validate(crate::domain::now())?).await?;
-        let persister = Persister::new(
-            db.clone(),
-            Backend::Sqlite,
-            100,
-            Arc::new(PersisterStats::default()),
-        )
-        .start();
+        let new_persister = {
+            let db = db.clone();
+            move || Persister::new(db, Backend::Sqlite, 100, Arc::new(PersisterStats::default()))
+        };
+        let persister = match threads {
+            Threads::Test => new_persister().start(),
+            Threads::Own => Persister::start_in_arbiter(&Arbiter::new().handle(), move |_| new_persister()),
+        };
         let lifecycle = Arc::new(Lifecycle::default());
-        let actor = {
-            let (db, lifecycle) = (db.clone(), lifecycle.clone());
-            Supervisor::start(move |_| {
+        let admission = Arc::new(Admission::new(64));
+        let new_actor = {
+            let (db, lifecycle, admission) = (db.clone(), lifecycle.clone(), admission.clone());
+            move |_: &mut Context<EventActor>| {
                 EventActor::new(
                     event.id,
                     db,
                     persister,
                     lifecycle,
-                    Arc::new(Admission::new(64)),
+                    admission,
                     LiveHub::new(LiveSettings::default()).channel(event.id),
                     Arc::default(),
                 )
-            })
+            }
+        };
+        let actor = match threads {
+            Threads::Test => Supervisor::start(new_actor),
+            Threads::Own => Supervisor::start_in_arbiter(&Arbiter::new().handle(), new_actor),
         };
         Ok(Harness {
             _dir: dir,
             db,
             actor,
             lifecycle,
+            admission,
         })
     }
 
@@ -1518,6 +1550,55 @@ mod tests {
         assert!(!retried.replayed, "the failed attempt left no idempotency record");
         let snapshot = h.actor.send(Snapshot).await??;
         assert_eq!((snapshot.remaining, snapshot.sold), (2, 1));
+        Ok(())
+    }
+
+    /// Cancels of the only unit in [`a_cancel_is_answered_only_once_the_edge_would_let_a_claim_through`].
+    const GATE_ROUNDS: usize = 200;
+
+    /// Waits for `answer` by spinning, so the caller looks at what the actor published the
+    /// instant the answer exists, before the actor's thread can do anything more.
+    fn spin_for<T>(mut answer: oneshot::Receiver<T>) -> anyhow::Result<T> {
+        loop {
+            match answer.try_recv() {
+                Ok(value) => return Ok(value),
+                Err(oneshot::error::TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(oneshot::error::TryRecvError::Closed) => anyhow::bail!("the actor dropped the reply"),
+            }
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_cancel_is_answered_only_once_the_edge_would_let_a_claim_through() -> anyhow::Result<()> {
+        // Arrange: one unit; the actor on a thread of its own, as in the server.
+        let h = harness_with(r#"{"name":"gate","kind":"coupon","stock":1}"#, Threads::Own).await?;
+        for round in 0..GATE_ROUNDS {
+            let taken = claim(&h.actor, &format!("user-{round}"), None)
+                .await??
+                .reservation;
+            anyhow::ensure!(
+                h.admission.sold_out(crate::domain::now()),
+                "round {round}: the edge does not refuse claims with the only unit taken"
+            );
+
+            // Act: a client told its cancel succeeded may claim again at once.
+            let (reply, answer) = oneshot::channel();
+            h.actor.do_send(Cancel {
+                id: taken.id,
+                user: taken.user_id,
+                reply,
+            });
+            let cancelled = spin_for(answer)?;
+            let refused_at_the_edge = h.admission.sold_out(crate::domain::now());
+
+            // Assert
+            cancelled
+                .map_err(|refusal| anyhow::anyhow!("round {round}: the cancel was refused: {refusal}"))?;
+            assert!(
+                !refused_at_the_edge,
+                "round {round}: the cancel was answered while the edge still refused claims as sold out"
+            );
+        }
         Ok(())
     }
 }

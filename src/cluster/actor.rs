@@ -703,11 +703,13 @@ impl ClusterEventActor {
         };
         ctx.spawn(work.into_actor(self).map(move |result, act, ctx| match result {
             Ok((outcome, answer)) => {
+                // why first: this node's edge must not refuse a claim as sold out once the
+                // client has heard that its cancel returned the unit.
+                act.take_counts(answer, ctx);
                 let _ = reply.send(outcome.map(|reservation| Reserved {
                     reservation,
                     replayed: false,
                 }));
-                act.take_counts(answer, ctx);
             }
             Err(error) => {
                 tracing::warn!(event = %act.id, error = format!("{error:#}"), "cannot change a reservation");

@@ -250,8 +250,9 @@ fn close_array(mut json: Vec<u8>) -> anyhow::Result<String> {
 /// timestamps, two integers and the status.
 const ROW_FIXED_BYTES: usize = 104;
 
-/// The bind-parameter bytes of one reservation row, for [`super::statement_runs`].
-pub(super) fn row_bytes(r: &&Reservation) -> usize {
+/// The bind-parameter bytes of one reservation row in a multi-row `INSERT` (MySQL), for
+/// [`super::statement_runs`].
+fn row_bytes(r: &&Reservation) -> usize {
     ROW_FIXED_BYTES + r.user_id.as_str().len() + r.idempotency_key.as_ref().map_or(0, |k| k.as_str().len())
 }
 
