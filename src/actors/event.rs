@@ -12,7 +12,8 @@
 //! - Units are *taken* at once (tentatively, before the commit), so concurrent requests never
 //!   see stock that is already promised; they are *given back* (cancel, expiry) only after the
 //!   release commits, so a failed release can never have been handed to someone else.
-//! - The client's answer is sent after the commit (acknowledged = durable).
+//! - The client's answer is sent after the commit (acknowledged = durable), and after the
+//!   sold-out gate the HTTP edge reads reflects it.
 //! - If a commit fails, or a handler panics, the actor re-reads its state from the database
 //!   after a persister barrier (every earlier write has ended), so no tentative change survives
 //!   and a commit whose outcome is unknown is settled by what the database holds.
