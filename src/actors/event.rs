@@ -916,12 +916,10 @@ impl EventActor {
             self.reload(ctx);
         } else {
             self.publish();
+            self.publish_live(ctx);
         }
         for (reply, result) in answers {
             answer(reply, result);
-        }
-        if !reload {
-            self.publish_live(ctx);
         }
     }
 
