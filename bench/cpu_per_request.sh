@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# CPU time per request, per server thread: what a reservation costs compared with GET /healthz.
+# CPU time per request, per server thread: what a reservation and a sold-out refusal cost
+# compared with GET /healthz.
 # Steadier than req/s on a shared machine, because it counts CPU time (utime + stime from
 # /proc/<pid>/task/*/stat) rather than wall-clock throughput. Also the load generator's CPU time
 # (it shares the cores) and, on PostgreSQL, that of every `postgres` process on the machine: the
-# sum bounds what two cores can serve, 2 s of CPU per second / (µs per request).
+# sum bounds what two cores can serve, 2 s of CPU per second / (µs per request). The last lines
+# give those bounds on b/a and c/a (the `/healthz` sum over the scenario's sum) beside the ratios
+# measured in the same run.
 #
 #   bench/cpu_per_request.sh            # SQLite in target/bench, 256 connections, 6 s per run
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/somedb bench/cpu_per_request.sh
@@ -31,6 +34,12 @@ base=$(sed -n 's/.*listening on \(http[^ ]*\).*/\1/p' "$dir/stdout")
 event=$(curl -sf -X POST "$base/v1/events" -H "Authorization: Bearer $token" \
   -H 'content-type: application/json' -d '{"name":"hot","kind":"coupon","stock":100000000}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+
+# A second event whose only unit is sold: every claim on it is refused `409 sold_out`.
+sold_out=$(curl -sf -X POST "$base/v1/events" -H "Authorization: Bearer $token" \
+  -H 'content-type: application/json' -d '{"name":"gone","kind":"coupon","stock":1}' |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+curl -sf -o /dev/null -X POST "$base/v1/events/$sold_out/reservations" -H 'x-user-id: the-only-buyer'
 
 snapshot() { for t in /proc/$server/task/*; do echo "$(basename "$t") $(tr ' ' _ < "$t/comm") $(awk '{print $14+$15}' "$t/stat")"; done | sort; }
 
@@ -64,13 +73,23 @@ measure() { # name, loadgen args...
   echo "## $name: $requests requests"
   join "$dir/before" "$dir/after" | awk -v n="$requests" -v hz="$tick" '
     { d = $5 - $3; total += d; if (d > 0) printf "  thread %-8s %-18s %6.1f us/request\n", $1, $2, d * 1e6 / hz / n }
-    END { printf "  all server threads                  %6.1f us/request\n", total * 1e6 / hz / n }'
+    END { printf "  all server threads                  %6.1f us/request\n", total * 1e6 / hz / n }' | tee "$dir/server"
   awk -v n="$requests" -v a="$children_before" -v b="$children_after" \
-    'BEGIN { printf "  load generator                      %6.1f us/request\n", (b - a) * 1e6 / n }'
+    'BEGIN { printf "  load generator                      %6.1f us/request\n", (b - a) * 1e6 / n }' | tee "$dir/loadgen"
   awk -v n="$requests" -v hz="$tick" -v a="$pg_before" -v b="$pg_after" \
-    'BEGIN { if (b > a) printf "  postgres processes                  %6.1f us/request\n", (b - a) * 1e6 / hz / n }'
+    'BEGIN { if (b > a) printf "  postgres processes                  %6.1f us/request\n", (b - a) * 1e6 / hz / n }' | tee "$dir/postgres"
+  # The scenario's requests and its µs of CPU per request on the whole machine.
+  cat "$dir/server" "$dir/loadgen" "$dir/postgres" |
+    awk -v n="$requests" -v key="$key" '/all server|load generator|postgres processes/ { sum += $(NF - 1) }
+      END { printf "%s %d %.1f\n", key, n, sum }' >> "$dir/sums"
 }
 
-measure "GET /healthz" --url "$base/healthz"
-measure "POST reservations (one hot event, distinct users)" \
+key=a measure "GET /healthz" --url "$base/healthz"
+key=b measure "POST reservations (one hot event, distinct users)" \
   --url "$base/v1/events/$event/reservations" --method POST --distinct-users "u$RANDOM"
+key=c measure "POST reservations refused sold_out (distinct users)" \
+  --url "$base/v1/events/$sold_out/reservations" --method POST --distinct-users "s$RANDOM"
+
+echo "## bounds: what the CPU per request allows on fully used cores, beside the measured ratio"
+awk '{ n[$1] = $2; us[$1] = $3 }
+  END { for (k in n) if (k != "a") printf "  %s/a: bound %5.1f%% (%.1f / %.1f us), measured %5.1f%%\n", k, 100 * us["a"] / us[k], us["a"], us[k], 100 * n[k] / n["a"] }' "$dir/sums" | sort
