@@ -14,7 +14,7 @@
 
 use std::net::ToSocketAddrs;
 
-use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::header::{self, HeaderMap, HeaderName};
 use anyhow::{Context, bail};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
@@ -26,7 +26,9 @@ use crate::domain::UserId;
 use crate::error::{ApiError, Code};
 
 /// The header a trusted gateway sets to the authenticated user's id.
-pub const USER_HEADER: &str = "x-user-id";
+///
+/// why a `HeaderName`: looking a header up by `&str` parses the name again on every request.
+pub const USER_HEADER: HeaderName = HeaderName::from_static("x-user-id");
 /// The largest `exp`/`nbf` clock skew an operator may allow.
 const MAX_LEEWAY_SECONDS: u64 = 300;
 /// HS256 needs a key at least as long as its hash (RFC 7518 §3.2).

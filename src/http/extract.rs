@@ -64,12 +64,14 @@ fn authenticator(req: &HttpRequest) -> Result<&Authenticator, ApiError> {
 /// The optional `Idempotency-Key` header.
 pub struct IdemKey(pub Option<IdempotencyKey>);
 
+const IDEMPOTENCY_KEY: header::HeaderName = header::HeaderName::from_static("idempotency-key");
+
 impl FromRequest for IdemKey {
     type Error = ApiError;
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let parsed = match req.headers().get("idempotency-key") {
+        let parsed = match req.headers().get(IDEMPOTENCY_KEY) {
             None => Ok(IdemKey(None)),
             Some(value) => value
                 .to_str()
