@@ -75,13 +75,14 @@ impl FromRequest for IdemKey {
             None => Ok(IdemKey(None)),
             Some(value) => value
                 .to_str()
-                .map_err(|_| "it may contain only visible ASCII characters".to_owned())
+                .map_err(|_| "Idempotency-Key may contain only visible ASCII characters".to_owned())
                 .and_then(|raw| IdempotencyKey::parse(raw).map_err(|e| e.to_string()))
                 .map(|key| IdemKey(Some(key)))
                 .map_err(|why| {
                     ApiError::new(
                         Code::InvalidIdempotencyKey,
-                        format!("Idempotency-Key is malformed: {why}."),
+                        // `why` names the header itself.
+                        format!("{why}."),
                     )
                 }),
         };
