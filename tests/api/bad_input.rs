@@ -356,7 +356,12 @@ async fn malformed_reservation_requests_are_refused_as_problems_and_change_nothi
             }
         };
         let mismatch = match case.expect {
-            Problem(status, code) => reply.problem_mismatch(status, code),
+            Problem(status, code) => reply.problem_mismatch(status, code).or_else(|| {
+                // A malformed key's detail says what is wrong with it, naming the header once.
+                let detail = reply.body["detail"].as_str().unwrap_or_default();
+                (code == "invalid_idempotency_key" && detail.matches("Idempotency-Key").count() != 1)
+                    .then(|| format!("the detail should name Idempotency-Key once: {detail:?}"))
+            }),
             Bare(status) => {
                 (reply.status.as_u16() != status).then(|| format!("expected {status}, got {reply}"))
             }
