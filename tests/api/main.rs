@@ -7,7 +7,8 @@
 //! - `idempotency`: replays, key reuse, concurrent requests with one key, key scope.
 //! - `holds`: ticket holds expire on time (never early), confirm, cancel, coupons revoke.
 //! - `restart`: identical state after kill -9 and restart; kill -9 in the middle of a stampede.
-//! - `outage`: 503 + `Retry-After` while the database cannot commit, recovery after.
+//! - `outage`: 503 + `Retry-After` while the database cannot commit, recovery after; PostgreSQL
+//!   ending every session of the server.
 //! - `bad_input`: malformed requests → problem+json, never a 500, nothing changed; limits.
 //! - `events_admin`: admin auth, event validation, stock changes, closing, sales windows.
 //! - `ownership`: someone else's reservation is a 404 and stays unchanged.
