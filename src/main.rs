@@ -12,6 +12,21 @@ use firstcome::{store, telemetry};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for this process (the kernel checks the flag at each page
+/// fault, so memory mapped before this call is covered too).
+///
+/// why: mimalloc asks for huge pages on its arenas, and the kernel zeroes a whole 2 MiB page on
+/// its first touch. When an event's maps double past a million entries, the new table is touched
+/// all over at once: on the benchmark VM that stalled the event's claims for 0.75–0.9 s, with
+/// 4 KiB pages for 0.18 s, and reservations/s were no lower (BENCHMARKS.md, "Transparent huge
+/// pages and map growth"). Redis and most databases advise the same.
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::warn!(%error, "could not turn transparent huge pages off; large maps may stall when they grow");
+    }
+}
+
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -19,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(overrides) => {
             let settings = Settings::load(&overrides)?;
             telemetry::init(settings.log_format == "json");
+            disable_transparent_huge_pages();
             tracing::info!(?settings, "starting");
             let bind = settings.bind.clone();
             let app = Application::build(settings).await?;

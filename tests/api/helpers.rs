@@ -677,6 +677,11 @@ impl TestApp {
         self.start().await
     }
 
+    /// The operating-system id of the current server process.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().map(|server| server.child.id())
+    }
+
     /// The server's log file (stderr of every process this app started).
     pub fn log_path(&self) -> &Path {
         &self.log

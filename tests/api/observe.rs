@@ -172,3 +172,27 @@ async fn the_openapi_description_lists_every_route_and_the_docs_page_works_offli
     assert!(bundle.bytes().await?.len() > 100_000);
     Ok(())
 }
+
+/// Growing maps of millions of entries on 2 MiB pages stalled a hot event for most of a second
+/// (BENCHMARKS.md, "Transparent huge pages and map growth"); the server opts out at start.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_server_runs_without_transparent_huge_pages() -> anyhow::Result<()> {
+    use anyhow::Context;
+
+    // Arrange
+    let app = TestApp::spawn(Backend::Sqlite).await?;
+    let pid = app.pid().context("the server has no pid")?;
+
+    // Act
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading the server's status")?;
+
+    // Assert (Linux reports the flag here since 5.0)
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("THP_enabled:"))
+        .context("no THP_enabled line in /proc/<pid>/status")?;
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+    Ok(())
+}
