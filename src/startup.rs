@@ -11,7 +11,7 @@ use actix_web::middleware::{ErrorHandlers, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 
-use crate::actors::persister::WriteAndWait;
+use crate::actors::persister::{PersisterAddr, WriteAndWait};
 use crate::actors::{LiveHub, LiveSettings, Persister, PersisterStats, Registry, WriteGate};
 use crate::bulk::webhook::{Notifier, RetryPolicy, WebhookTarget};
 use crate::cluster::Cluster;
@@ -34,7 +34,7 @@ pub struct Application {
     port: u16,
     server: Server,
     drain: web::Data<Drain>,
-    persister: Addr<Persister>,
+    persister: PersisterAddr,
     shutdown_timeout: Duration,
     live: Arc<LiveHub>,
     bulk: Arc<crate::bulk::BulkRunner>,
@@ -78,7 +78,7 @@ impl Application {
                 write_gate.clone(),
                 user_index.clone(),
             );
-            Persister::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            Persister::start_on(&Arbiter::new().handle(), move || {
                 Persister::new(db, backend, max_batch, stats)
                     .with_write_gate(gate)
                     .with_user_index(index)

@@ -32,7 +32,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::live::{LiveChannel, LivePublisher};
-use super::persister::{Committed, Persister, Submit, WriteAndWait};
+use super::persister::{Committed, PersisterAddr, Submit, WriteAndWait};
 use crate::domain::{
     Event, EventId, EventKind, EventPatch, EventStatus, IdempotencyKey, Invalid, Inventory, Quantity,
     Reservation, ReservationId, ReservationStatus, UserId,
@@ -377,7 +377,7 @@ enum PendingKind {
 pub struct EventActor {
     id: EventId,
     db: DatabaseConnection,
-    persister: Addr<Persister>,
+    persister: PersisterAddr,
     lifecycle: Arc<Lifecycle>,
     phase: Phase,
     epoch: u64,
@@ -411,7 +411,7 @@ impl EventActor {
     pub fn new(
         id: EventId,
         db: DatabaseConnection,
-        persister: Addr<Persister>,
+        persister: PersisterAddr,
         lifecycle: Arc<Lifecycle>,
         admission: Arc<Admission>,
         live: Arc<LiveChannel>,
@@ -563,7 +563,7 @@ impl EventActor {
             .get_or_insert_with(|| Arc::new(ctx.address().recipient()))
             .clone();
         let writes = std::mem::take(&mut self.outbox);
-        self.persister.do_send(Submit {
+        self.persister.submit(Submit {
             event: self.id,
             writes,
             notify,
@@ -1341,7 +1341,7 @@ mod tests {
 
     use super::*;
     use crate::actors::live::{LiveHub, LiveSettings};
-    use crate::actors::persister::PersisterStats;
+    use crate::actors::persister::{Persister, PersisterStats};
     use crate::domain::EventSpec;
     use crate::store::Backend;
 
@@ -1381,8 +1381,8 @@ mod tests {
             move || Persister::new(db, Backend::Sqlite, 100, Arc::new(PersisterStats::default()))
         };
         let persister = match threads {
-            Threads::Test => new_persister().start(),
-            Threads::Own => Persister::start_in_arbiter(&Arbiter::new().handle(), move |_| new_persister()),
+            Threads::Test => new_persister().start_here(),
+            Threads::Own => Persister::start_on(&Arbiter::new().handle(), new_persister),
         };
         let lifecycle = Arc::new(Lifecycle::default());
         let admission = Arc::new(Admission::new(64));

@@ -15,7 +15,7 @@ use sea_orm::DatabaseConnection;
 
 use super::event::{Admission, EventActor, Lifecycle};
 use super::live::{LiveChannel, LiveHub, LiveSettings};
-use super::persister::Persister;
+use super::persister::PersisterAddr;
 use crate::cluster::{Cluster, ClusterEventActor, RemoteCounts};
 use crate::domain::EventId;
 use crate::store;
@@ -104,7 +104,7 @@ pub struct Registry {
     arbiters: std::sync::RwLock<Vec<ArbiterHandle>>,
     next_arbiter: AtomicUsize,
     db: DatabaseConnection,
-    persister: Addr<Persister>,
+    persister: PersisterAddr,
     lifecycle: Arc<Lifecycle>,
     mailbox_capacity: usize,
     live: Arc<LiveHub>,
@@ -115,7 +115,7 @@ impl Registry {
     pub fn new(
         arbiters: Vec<ArbiterHandle>,
         db: DatabaseConnection,
-        persister: Addr<Persister>,
+        persister: PersisterAddr,
         mailbox_capacity: usize,
     ) -> Self {
         Self {

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Actor;
 use anyhow::{Context, bail};
 use futures_util::stream;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -265,7 +264,7 @@ async fn run_direct(args: &IssueArgs, url: &str, size: u64, bar: &ProgressBar) -
         Arc::new(PersisterStats::default()),
     )
     .with_write_gate(write_gate.clone())
-    .start();
+    .start_here();
     let registry = Arc::new(Registry::new(
         Vec::new(),
         db.clone(),

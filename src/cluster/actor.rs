@@ -29,7 +29,7 @@ use crate::actors::event::{
     Snapshot, UpdateEvent,
 };
 use crate::actors::live::{LiveChannel, LivePublisher};
-use crate::actors::persister::{Committed, Persister, Submit, WriteAndWait};
+use crate::actors::persister::{Committed, PersisterAddr, Submit, WriteAndWait};
 use crate::domain::{Event, EventId, EventKind, Reservation, ReservationId, ReservationStatus};
 use crate::store::{self, WriteOp};
 
@@ -79,7 +79,7 @@ enum Phase {
 pub struct ClusterEventActor {
     id: EventId,
     db: DatabaseConnection,
-    persister: Addr<Persister>,
+    persister: PersisterAddr,
     cluster: Arc<Cluster>,
     lifecycle: Arc<Lifecycle>,
     admission: Arc<Admission>,
@@ -111,7 +111,7 @@ impl ClusterEventActor {
     pub fn new(
         id: EventId,
         db: DatabaseConnection,
-        persister: Addr<Persister>,
+        persister: PersisterAddr,
         cluster: Arc<Cluster>,
         lifecycle: Arc<Lifecycle>,
         admission: Arc<Admission>,
@@ -400,7 +400,7 @@ impl ClusterEventActor {
                 .notify
                 .get_or_insert_with(|| Arc::new(ctx.address().recipient()))
                 .clone();
-            self.persister.do_send(Submit {
+            self.persister.submit(Submit {
                 event: self.id,
                 writes,
                 notify,
