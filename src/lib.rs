@@ -45,6 +45,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod sharded;
 pub mod shutdown;
 pub mod startup;
 pub mod store;

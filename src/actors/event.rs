@@ -37,6 +37,7 @@ use crate::domain::{
     Event, EventId, EventKind, EventPatch, EventStatus, IdempotencyKey, Invalid, Inventory, Quantity,
     Reservation, ReservationId, ReservationStatus, UserId,
 };
+use crate::sharded::ShardedMap;
 use crate::store::{self, EventState, WriteOp};
 
 /// Maps keyed by client-chosen strings: foldhash is several times faster than SipHash and,
@@ -329,8 +330,8 @@ struct Ledger {
     event: Event,
     held: u64,
     sold: u64,
-    per_user: HashMap<UserId, u32>,
-    live: HashMap<ReservationId, Live>,
+    per_user: ShardedMap<UserId, u32>,
+    live: ShardedMap<ReservationId, Live>,
     /// Committed holds by expiry time.
     holds: BTreeSet<(DateTime<Utc>, ReservationId)>,
     keys: HashMap<(UserId, IdempotencyKey), KeyState>,
@@ -964,8 +965,8 @@ impl Ledger {
             event: state.event,
             held: 0,
             sold: 0,
-            per_user: HashMap::default(),
-            live: HashMap::default(),
+            per_user: ShardedMap::default(),
+            live: ShardedMap::default(),
             holds: BTreeSet::new(),
             keys: HashMap::default(),
             bulk: state.bulk_issued,

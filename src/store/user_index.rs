@@ -19,7 +19,6 @@
 //! another's reservation (at worst, a colliding user's ids take some of the 100 places).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::RwLock;
 
@@ -30,6 +29,7 @@ use uuid::Uuid;
 
 use super::WriteOp;
 use crate::domain::UserId;
+use crate::sharded::ShardedMap;
 
 /// Most users hold one reservation per drop, and most of them one in all: inline, no allocation.
 type Reservations = SmallVec<[Uuid; 1]>;
@@ -38,7 +38,9 @@ pub struct UserIndex {
     seed: foldhash::fast::RandomState,
     /// Written once per committed batch by the persister, read by `GET /v1/me/reservations`; the
     /// claim path (handler → event actor) never touches it.
-    by_user: RwLock<HashMap<u64, Reservations, foldhash::fast::RandomState>>,
+    /// Sharded: the persister grows it inside a commit, and a whole map doubling at once held
+    /// that commit up (see [`ShardedMap`]).
+    by_user: RwLock<ShardedMap<u64, Reservations>>,
 }
 
 impl UserIndex {
@@ -68,8 +70,8 @@ impl UserIndex {
             .await
             .context("counting reservations for the user index")?;
         let seed = foldhash::fast::RandomState::default();
-        let mut by_user: HashMap<u64, Reservations, foldhash::fast::RandomState> =
-            HashMap::with_capacity_and_hasher(usize::try_from(count).unwrap_or(0), Default::default());
+        let mut by_user: ShardedMap<u64, Reservations> =
+            ShardedMap::with_capacity(usize::try_from(count).unwrap_or(0));
         let (mut after, mut loaded) = (0i64, 0u64);
         loop {
             let (last, page): (Option<i64>, String) = sqlx::query_as(PAGE)
@@ -139,9 +141,7 @@ impl UserIndex {
         ids
     }
 
-    fn write(
-        &self,
-    ) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Reservations, foldhash::fast::RandomState>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, ShardedMap<u64, Reservations>> {
         match self.by_user.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
