@@ -25,7 +25,9 @@ token=cpu-bench-token
 tick=$(getconf CLK_TCK)
 
 # Rate limits off by default: one load-generator IP would be refused by the per-IP quotas.
-FIRSTCOME_ADMIN_TOKEN=$token FIRSTCOME_RATE_LIMIT=${FIRSTCOME_RATE_LIMIT:-false} RUST_LOG=warn "$SERVER" serve \
+# Logging at the server's default level, as bench/run.sh runs it: the request span is part of
+# the cost (RUST_LOG=warn leaves it out).
+FIRSTCOME_ADMIN_TOKEN=$token FIRSTCOME_RATE_LIMIT=${FIRSTCOME_RATE_LIMIT:-false} RUST_LOG=${RUST_LOG:-info} "$SERVER" serve \
   --bind 127.0.0.1:0 --database-url "$url" > "$dir/stdout" 2> "$dir/stderr" &
 server=$!
 trap 'kill $server 2>/dev/null; rm -rf "$dir"' EXIT
