@@ -34,6 +34,7 @@
 //! - [`store`]: sea-orm queries and the batch writer, in domain terms.
 //! - [`error`]: the table of error codes and the problem+json body.
 //! - [`metrics`]: the Prometheus series and their names.
+//! - [`sharded`]: the sharded hash map behind the maps that grow with every sale.
 //! - [`shutdown`]: draining on SIGTERM/SIGINT before the server stops.
 //! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring.
 
