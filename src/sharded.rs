@@ -2,9 +2,8 @@
 //!
 //! why: an event actor's per-user counts and live reservations, and SQLite's user index, grow
 //! by one entry per sale, and a single map doubles all at once: at 262,144 entries that is one
-//! turn of the actor spent
-//! moving every entry while every request for the event waits (a 36 ms stretch on one core with
-//! the other idle, seen with `perf sched timehist` on the hot path). Shards fill evenly, so each
+//! turn of the actor spent moving every entry while every request for the event waits (a 36 ms
+//! stretch on one core with the other idle, seen with `perf sched timehist` on the hot path). Shards fill evenly, so each
 //! doubles on its own turn and moves 1/64 of the entries: the same work in short pauses.
 //! Measured on 25 s of claims at 256 connections: the worst claim 37–42 ms instead of
 //! 169–193 ms, and 9% less peak RSS (BENCHMARKS.md, run 21).
