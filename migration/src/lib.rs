@@ -8,6 +8,7 @@ mod m20261201_000003_ledger_generation;
 mod m20261201_000004_bulk_issuance;
 mod m20261201_000005_sqlite_user_index;
 mod m20261202_000006_reservations_event_fk;
+mod m20261203_000007_postgres_user_hash_index;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000004_bulk_issuance::Migration),
             Box::new(m20261201_000005_sqlite_user_index::Migration),
             Box::new(m20261202_000006_reservations_event_fk::Migration),
+            Box::new(m20261203_000007_postgres_user_hash_index::Migration),
         ]
     }
 }
