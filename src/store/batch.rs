@@ -3,8 +3,8 @@
 //! New reservations, the hot path, go in as few statements as possible. On SQLite the rows travel
 //! as one JSON parameter that SQLite unpacks itself (`jsonb_each`): the SQL text never changes, so
 //! it is prepared once and cached, there is no bind limit to cut at, and building it costs one
-//! `serde_json` call instead of nine bound values per row. PostgreSQL takes the same JSON rows,
-//! cut by size. MySQL gets multi-row `INSERT`s cut at [`Backend::params_per_statement`].
+//! `serde_json` call instead of nine bound values per row. PostgreSQL takes one array per column
+//! in its binary format (`UNNEST`), cut by size. MySQL gets multi-row `INSERT`s cut at [`Backend::params_per_statement`].
 //!
 //! A batch that is one statement runs as that statement alone, which the database commits
 //! atomically; anything larger or mixed runs in one explicit transaction.
@@ -17,7 +17,7 @@ use entity::{events, reservations};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, IntoActiveModel, QueryFilter, QueryTrait,
-    Statement, TransactionTrait,
+    Statement, TransactionTrait, Value,
 };
 
 use super::Backend;
@@ -58,30 +58,77 @@ const SQLITE_INSERT_JSON: &str = "INSERT INTO reservations \
     SELECT unhex(value ->> 0), value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
     value ->> 6, value ->> 7, value ->> 7 FROM jsonb_each(?)";
 
-/// PostgreSQL: the same JSON rows, cast to the columns' types. Cut at [`super::STATEMENT_BYTES`]
-/// of JSON, so a statement leaves in one write (see there).
-///
-/// why JSON rather than a multi-row `INSERT`: its text is the same whatever the row count, so
-/// each connection prepares it once, and the server binds one parameter instead of nine per
-/// row. A multi-row `INSERT` has a text of its own for every row count (up to 113 of them, past
-/// sqlx's cache of 100 statements per connection), each parsed and planned by PostgreSQL when
-/// first seen. Measured side by side on the hot path: a few µs less server CPU per reservation
-/// (lower in five of six pairs), the same PostgreSQL CPU (BENCHMARKS.md, "Reservations on
-/// PostgreSQL").
-fn postgres_insert_json() -> String {
-    format!(
-        "INSERT INTO reservations ({RESERVATION_COLUMN_NAMES}) SELECT {POSTGRES_JSON_VALUES} \
-         FROM jsonb_array_elements($1::text::jsonb) AS r"
-    )
-}
-
 /// The columns of a `reservations` row, in the order of the JSON rows' values.
 pub(super) const RESERVATION_COLUMN_NAMES: &str =
     "id, event_id, user_id, quantity, status, idempotency_key, expires_at, created_at, updated_at";
 
-/// On PostgreSQL, one JSON row `r` as the values of [`RESERVATION_COLUMN_NAMES`].
-pub(super) const POSTGRES_JSON_VALUES: &str = "(r ->> 0)::uuid, (r ->> 1)::bigint, r ->> 2, (r ->> 3)::integer, \
-    r ->> 4, r ->> 5, (r ->> 6)::timestamptz, (r ->> 7)::timestamptz, (r ->> 7)::timestamptz";
+/// PostgreSQL: the rows of one statement as one array per column ([`postgres_arrays`], bound as
+/// parameters `$first` to `$first + 7`), zipped back into rows by `UNNEST`, as the values of
+/// [`RESERVATION_COLUMN_NAMES`].
+///
+/// why arrays: sqlx sends them in PostgreSQL's binary format, so the server reads each id,
+/// number and timestamp as it is stored, where JSON rows had it parse the text, then every value
+/// again from text (`uuid_in`, `timestamptz_in`): about a quarter of its work per row. The text
+/// is still the same whatever the row count, so each connection prepares it once.
+///
+/// The arrays hold no NULLs (sea-query binds `Vec<T>`, not `Vec<Option<T>>`): a reservation
+/// without an idempotency key carries `''` and one without an expiry `'epoch'`, which no real
+/// key (1–255 visible characters) or hold (created now, expiring later) can be.
+pub(super) fn postgres_unnest(first: usize) -> String {
+    let p = |offset: usize| first + offset;
+    format!(
+        "SELECT id, event_id, user_id, quantity, status, NULLIF(idempotency_key, ''), \
+         NULLIF(expires_at, 'epoch'), created_at, created_at \
+         FROM UNNEST(${}::uuid[], ${}::int8[], ${}::text[], ${}::int4[], ${}::text[], ${}::text[], \
+         ${}::timestamptz[], ${}::timestamptz[]) \
+         AS r(id, event_id, user_id, quantity, status, idempotency_key, expires_at, created_at)",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7)
+    )
+}
+
+/// `rows` as the eight arrays [`postgres_unnest`] unpacks.
+pub(super) fn postgres_arrays(rows: &[&Reservation]) -> anyhow::Result<[Value; 8]> {
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut events = Vec::with_capacity(n);
+    let mut users = Vec::with_capacity(n);
+    let mut quantities = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut expiries = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    for r in rows {
+        ids.push(r.id.get());
+        events.push(r.event_id.get());
+        users.push(r.user_id.as_str().to_owned());
+        quantities.push(i32::try_from(r.quantity).with_context(|| format!("quantity {}", r.quantity))?);
+        statuses.push(r.status.as_str().to_owned());
+        keys.push(
+            r.idempotency_key
+                .as_ref()
+                .map_or_else(String::new, |k| k.as_str().to_owned()),
+        );
+        expiries.push(r.expires_at.unwrap_or(DateTime::UNIX_EPOCH));
+        created.push(r.created_at);
+    }
+    Ok([
+        ids.into(),
+        events.into(),
+        users.into(),
+        quantities.into(),
+        statuses.into(),
+        keys.into(),
+        expiries.into(),
+        created.into(),
+    ])
+}
 
 /// Applies `ops` atomically, in order: inserts, then status changes, then event updates.
 /// why that order is safe: an actor never changes a reservation before its insert committed, and
@@ -190,16 +237,26 @@ fn insert_statements(backend: Backend, rows: &[&Reservation]) -> anyhow::Result<
     let db_backend = backend.sea_orm();
     Ok(match backend {
         // One parameter whatever the row count: no bind limit to cut at.
-        Backend::Sqlite => json_arrays(rows, usize::MAX)?
-            .into_iter()
-            .map(|(json, _)| Statement::from_sql_and_values(db_backend, SQLITE_INSERT_JSON, [json.into()]))
-            .collect(),
-        Backend::Postgres => json_arrays(rows, super::STATEMENT_BYTES)?
-            .into_iter()
-            .map(|(json, _)| {
-                Statement::from_sql_and_values(db_backend, postgres_insert_json(), [json.into()])
-            })
-            .collect(),
+        Backend::Sqlite => vec![Statement::from_sql_and_values(
+            db_backend,
+            SQLITE_INSERT_JSON,
+            [json_array(rows)?.into()],
+        )],
+        Backend::Postgres => {
+            let sql = format!(
+                "INSERT INTO reservations ({RESERVATION_COLUMN_NAMES}) {}",
+                postgres_unnest(1)
+            );
+            super::statement_runs(rows, usize::MAX, row_bytes)
+                .map(|chunk| {
+                    Ok(Statement::from_sql_and_values(
+                        db_backend,
+                        sql.clone(),
+                        postgres_arrays(chunk)?,
+                    ))
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
         Backend::MySql => super::statement_runs(
             rows,
             backend.params_per_statement() / RESERVATION_COLUMNS,
@@ -213,34 +270,15 @@ fn insert_statements(backend: Backend, rows: &[&Reservation]) -> anyhow::Result<
     })
 }
 
-/// `rows` as JSON arrays of [`json_row`]s, each with its row count: every row once and in
-/// order, each array at most `max_bytes` long (or one row, if a row alone is longer).
-pub(super) fn json_arrays(rows: &[&Reservation], max_bytes: usize) -> anyhow::Result<Vec<(String, usize)>> {
-    let mut arrays = Vec::new();
-    let mut current = vec![b'['];
-    let mut count = 0;
-    for row in rows {
-        let start = current.len();
-        if count > 0 {
-            current.push(b',');
+/// `rows` as one JSON array of [`json_row`]s, in order.
+fn json_array(rows: &[&Reservation]) -> anyhow::Result<String> {
+    let mut json = vec![b'['];
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            json.push(b',');
         }
-        serde_json::to_writer(&mut current, &json_row(row)).context("encoding a reservation")?;
-        count += 1;
-        if current.len() + 1 > max_bytes && count > 1 {
-            // This row does not fit: it opens the next array.
-            let moved = current.split_off(start + 1);
-            current.truncate(start);
-            arrays.push((close_array(current)?, count - 1));
-            current = vec![b'['];
-            current.extend_from_slice(&moved);
-            count = 1;
-        }
+        serde_json::to_writer(&mut json, &json_row(row)).context("encoding a reservation")?;
     }
-    arrays.push((close_array(current)?, count));
-    Ok(arrays)
-}
-
-fn close_array(mut json: Vec<u8>) -> anyhow::Result<String> {
     json.push(b']');
     String::from_utf8(json).context("serde_json wrote invalid UTF-8")
 }
@@ -251,8 +289,9 @@ fn close_array(mut json: Vec<u8>) -> anyhow::Result<String> {
 const ROW_FIXED_BYTES: usize = 104;
 
 /// The bind-parameter bytes of one reservation row in a multi-row `INSERT` (MySQL), for
-/// [`super::statement_runs`].
-fn row_bytes(r: &&Reservation) -> usize {
+/// [`super::statement_runs`]; also an upper bound on what a row adds to PostgreSQL's arrays
+/// (a 4-byte length per element, and no format codes).
+pub(super) fn row_bytes(r: &&Reservation) -> usize {
     ROW_FIXED_BYTES + r.user_id.as_str().len() + r.idempotency_key.as_ref().map_or(0, |k| k.as_str().len())
 }
 
@@ -334,63 +373,42 @@ mod tests {
     }
 
     #[test]
-    fn json_arrays_hold_every_row_once_in_order_each_within_the_size() -> anyhow::Result<()> {
+    fn a_json_array_holds_every_row_once_in_order() -> anyhow::Result<()> {
         let rows: Vec<Reservation> = (0..300)
-            .map(|i| {
-                reservation(
-                    &format!("user-{}", "x".repeat(i % 120)),
-                    (i % 7 == 0).then_some("key-1"),
-                )
-            })
+            .map(|i| reservation(&format!("user-{i}"), (i % 7 == 0).then_some("key-1")))
             .collect::<anyhow::Result<_>>()?;
         let rows: Vec<&Reservation> = rows.iter().collect();
-        let ids = |arrays: &[(String, usize)]| -> anyhow::Result<Vec<String>> {
-            let mut ids = Vec::new();
-            for array in arrays {
-                let parsed: Vec<serde_json::Value> = serde_json::from_str(&array.0)?;
-                anyhow::ensure!(!parsed.is_empty(), "an empty array");
-                anyhow::ensure!(
-                    parsed.len() == array.1,
-                    "{} rows counted as {}",
-                    parsed.len(),
-                    array.1
-                );
-                ids.extend(
-                    parsed
-                        .iter()
-                        .map(|row| row[0].as_str().unwrap_or_default().to_owned()),
-                );
-            }
-            Ok(ids)
-        };
+        let parsed: Vec<serde_json::Value> = serde_json::from_str(&json_array(&rows)?)?;
+        let ids: Vec<&str> = parsed
+            .iter()
+            .map(|row| row[0].as_str().unwrap_or_default())
+            .collect();
         let expected: Vec<String> = rows.iter().map(|r| r.id.get().simple().to_string()).collect();
+        assert_eq!(ids, expected);
+        Ok(())
+    }
 
-        let whole = json_arrays(&rows, usize::MAX)?;
-        assert_eq!(whole.len(), 1);
-        assert_eq!(ids(&whole)?, expected);
-
-        let cut = json_arrays(&rows, STATEMENT_BYTES)?;
-        assert!(cut.len() > 1, "{} arrays", cut.len());
+    #[test]
+    fn postgres_arrays_carry_one_value_per_row_and_sentinels_for_absent_ones() -> anyhow::Result<()> {
+        let mut held = reservation("ana", Some("key-1"))?;
+        let expiry = held.created_at + chrono::Duration::minutes(10);
+        held.expires_at = Some(expiry);
+        let issued = reservation("ben", None)?;
+        let arrays = postgres_arrays(&[&held, &issued])?;
+        let strings = |v: &Value| -> anyhow::Result<Vec<String>> {
+            v.clone()
+                .unwrap::<Option<Vec<String>>>()
+                .ok_or_else(|| anyhow::anyhow!("a NULL array"))
+        };
+        assert_eq!(strings(&arrays[2])?, ["ana", "ben"]);
+        assert_eq!(strings(&arrays[5])?, ["key-1", ""]);
+        let expiries = arrays[6].clone().unwrap::<Option<Vec<DateTime<Utc>>>>();
+        assert_eq!(expiries, Some(vec![expiry, DateTime::UNIX_EPOCH]));
+        let sql = postgres_unnest(3);
         assert!(
-            cut.iter().all(|a| a.0.len() <= STATEMENT_BYTES),
-            "an array is too long"
+            sql.contains("$3::uuid[]") && sql.contains("$10::timestamptz[]"),
+            "{sql}"
         );
-        assert_eq!(ids(&cut)?, expected, "every row once, in order");
-        // Each array but the last is full: the row that opens the next one would not have fit.
-        let mut next_row = 0;
-        for pair in cut.windows(2) {
-            next_row += pair[0].1;
-            let opener = serde_json::to_string(&json_row(rows[next_row]))?;
-            assert!(
-                pair[0].0.len() + 1 + opener.len() > STATEMENT_BYTES,
-                "cut before it was full"
-            );
-        }
-
-        // A row longer than the limit still goes, alone.
-        let alone = json_arrays(&rows[..3], 10)?;
-        assert_eq!(alone.len(), 3);
-        assert_eq!(ids(&alone)?, expected[..3]);
         Ok(())
     }
 

@@ -36,7 +36,7 @@ fn placeholders(from: usize, count: usize) -> String {
 
 /// The statements inserting `rows` of one event, allocated under ledger `generation`, each with
 /// its row count; each must insert all its rows (the caller checks), or the generation has moved
-/// on. The rows travel as JSON, as in the persister's unfenced insert.
+/// on. The rows travel as arrays, as in the persister's unfenced insert.
 pub fn fenced_insert_statements(
     event: EventId,
     generation: i64,
@@ -47,20 +47,19 @@ pub fn fenced_insert_statements(
     // generation; so no insert from the old generation lands after the rebuild read.
     let sql = format!(
         "WITH fence AS (SELECT 1 FROM events WHERE id = $1 AND ledger_generation = $2 FOR SHARE) \
-         INSERT INTO reservations ({RETURNING}) SELECT {} \
-         FROM jsonb_array_elements($3::text::jsonb) AS r WHERE EXISTS (SELECT 1 FROM fence)",
-        super::batch::POSTGRES_JSON_VALUES
+         INSERT INTO reservations ({RETURNING}) {} WHERE EXISTS (SELECT 1 FROM fence)",
+        super::batch::postgres_unnest(3)
     );
-    Ok(super::batch::json_arrays(rows, super::STATEMENT_BYTES)?
-        .into_iter()
-        .map(|(json, count)| {
-            let values: [Value; 3] = [event.get().into(), generation.into(), json.into()];
-            (
+    super::statement_runs(rows, usize::MAX, super::batch::row_bytes)
+        .map(|chunk| {
+            let mut values = vec![event.get().into(), generation.into()];
+            values.extend(super::batch::postgres_arrays(chunk)?);
+            Ok((
                 Statement::from_sql_and_values(DbBackend::Postgres, sql.clone(), values),
-                count,
-            )
+                chunk.len(),
+            ))
         })
-        .collect())
+        .collect()
 }
 
 /// The event's current ledger generation.
