@@ -30,6 +30,29 @@ const WEBHOOK_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long shutdown waits for live sockets to finish their close handshake.
 const LIVE_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Opens a one-connection pool on `url` from `arbiter`'s thread, for the actor that will use it
+/// there.
+///
+/// why: a tokio socket is driven by the reactor of the runtime that opened it. The persister's
+/// PostgreSQL (or MySQL) connection opened on the main thread made every answer to a commit wake
+/// the main thread first, which then woke the persister's: one more thread hop on each commit's
+/// critical path (`perf sched` under load: about 1,000 such wake-ups a second). Reconnections
+/// happen where the pool is used, so they stay on the persister's thread.
+async fn connect_on(
+    arbiter: &actix_rt::ArbiterHandle,
+    url: String,
+) -> anyhow::Result<sea_orm::DatabaseConnection> {
+    let (opened, connection) = tokio::sync::oneshot::channel();
+    let spawned = arbiter.spawn(async move {
+        // The receiver is gone only if start-up was abandoned; nothing to report to.
+        let _ = opened.send(store::connect(&url, 1).await);
+    });
+    anyhow::ensure!(spawned, "the persister's thread stopped before it could connect");
+    connection
+        .await
+        .context("the persister's thread stopped while connecting")?
+}
+
 pub struct Application {
     port: u16,
     server: Server,
@@ -52,7 +75,8 @@ impl Application {
         // why: the persister writes through one dedicated connection. It runs one transaction at
         // a time anyway, and on SQLite a single writer keeps its page cache valid between
         // batches (a pooled connection would find its cache stale after another's write).
-        let writer = store::connect(&settings.database_url, 1).await?;
+        let persister_thread = Arbiter::new().handle();
+        let writer = connect_on(&persister_thread, settings.database_url.clone()).await?;
         let stats = Arc::new(PersisterStats::default());
         let write_gate = (backend == Backend::Sqlite).then(WriteGate::default);
         // SQLite serves `GET /v1/me/reservations` from memory (see `store::UserIndex`).
@@ -78,7 +102,7 @@ impl Application {
                 write_gate.clone(),
                 user_index.clone(),
             );
-            Persister::start_on(&Arbiter::new().handle(), move || {
+            Persister::start_on(&persister_thread, move || {
                 Persister::new(db, backend, max_batch, stats)
                     .with_write_gate(gate)
                     .with_user_index(index)
