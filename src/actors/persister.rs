@@ -169,6 +169,8 @@ impl PersisterStats {
 
 pub struct Persister {
     db: DatabaseConnection,
+    /// PostgreSQL: the connection for batches of plain inserts (see [`store::HeldConnection`]).
+    held: Option<Arc<store::HeldConnection>>,
     backend: Backend,
     max_batch: usize,
     queue: VecDeque<(Option<WriteOp>, Waiter)>,
@@ -207,8 +209,10 @@ impl Persister {
         max_batch: usize,
         stats: Arc<PersisterStats>,
     ) -> Self {
+        let held = (backend == Backend::Postgres).then(|| Arc::new(store::HeldConnection::like(&db)));
         Self {
             db,
+            held,
             backend,
             max_batch: max_batch.max(1),
             queue: VecDeque::new(),
@@ -283,6 +287,7 @@ impl Persister {
             waiters.push(waiter);
         }
         let db = self.db.clone();
+        let held = self.held.clone();
         let backend = self.backend;
         let started = Instant::now();
         let gate = self.write_gate.clone();
@@ -295,7 +300,7 @@ impl Persister {
                 Some(gate) => Some(gate.lock().await),
                 None => None,
             };
-            store::apply_batch(&db, backend, &ops).await?;
+            store::apply_batch(&db, held.as_deref(), backend, &ops).await?;
             if let Some(index) = &user_index {
                 index.record(&ops);
             }

@@ -20,8 +20,8 @@ use sea_orm::{
     Statement, TransactionTrait, Value,
 };
 
-use super::Backend;
 use super::convert::{event_to_row, reservation_to_row};
+use super::{Backend, HeldConnection};
 use crate::domain::{Event, Reservation, ReservationId, ReservationStatus};
 
 /// One change an event actor has decided on and waits to see committed.
@@ -133,7 +133,16 @@ pub(super) fn postgres_arrays(rows: &[&Reservation]) -> anyhow::Result<[Value; 8
 /// Applies `ops` atomically, in order: inserts, then status changes, then event updates.
 /// why that order is safe: an actor never changes a reservation before its insert committed, and
 /// never submits two changes to one reservation at once.
-pub async fn apply_batch(db: &DatabaseConnection, backend: Backend, ops: &[WriteOp]) -> anyhow::Result<()> {
+///
+/// A batch of plain inserts (the hot path) goes through `held` when there is one (PostgreSQL);
+/// anything else through `db`. Both are the persister's, which runs one batch at a time, so the
+/// two connections never commit out of order.
+pub async fn apply_batch(
+    db: &DatabaseConnection,
+    held: Option<&HeldConnection>,
+    backend: Backend,
+    ops: &[WriteOp],
+) -> anyhow::Result<()> {
     let now: DateTime<Utc> = crate::domain::now();
     let mut inserts = Vec::new();
     let mut fenced: HashMap<(i64, i64), Vec<&Reservation>> = HashMap::new();
@@ -163,6 +172,16 @@ pub async fn apply_batch(db: &DatabaseConnection, backend: Backend, ops: &[Write
         )?);
     }
 
+    if let Some(held) = held
+        && status_changes.is_empty()
+        && event_updates.is_empty()
+        && fenced_statements.is_empty()
+    {
+        return held
+            .run(&insert_statements)
+            .await
+            .with_context(|| format!("inserting {} reservations", inserts.len()));
+    }
     // why: a batch that is a single statement (the hot path: only new reservations) is sent
     // alone; the database commits it atomically on its own. That saves the BEGIN and COMMIT
     // round trips, and SQLite then keeps no statement journal.

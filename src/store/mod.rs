@@ -6,12 +6,14 @@ mod batch;
 mod connect;
 mod convert;
 mod fenced;
+mod held;
 mod queries;
 mod user_index;
 
 pub use batch::{WriteOp, apply_batch};
 pub use connect::{Backend, STATEMENT_BYTES, connect, migrate, statement_runs};
 pub use fenced::{Rebuild, Recorded, Tombstone, ledger_generation, settle, transition};
+pub use held::HeldConnection;
 pub use queries::{
     EventState, create_event, events_with_holds, find_event, find_reservation, granted_users,
     list_user_reservations, load_event_state, ping, user_reservations_by_id,
