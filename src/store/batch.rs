@@ -58,7 +58,8 @@ const SQLITE_INSERT_JSON: &str = "INSERT INTO reservations \
     SELECT unhex(value ->> 0), value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
     value ->> 6, value ->> 7, value ->> 7 FROM jsonb_each(?)";
 
-/// The columns of a `reservations` row, in the order of the JSON rows' values.
+/// The columns of a `reservations` row, in the order of a row's values: SQLite's JSON rows and
+/// PostgreSQL's arrays alike.
 pub(super) const RESERVATION_COLUMN_NAMES: &str =
     "id, event_id, user_id, quantity, status, idempotency_key, expires_at, created_at, updated_at";
 
