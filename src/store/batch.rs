@@ -4,7 +4,8 @@
 //! as one JSON parameter that SQLite unpacks itself (`jsonb_each`): the SQL text never changes, so
 //! it is prepared once and cached, there is no bind limit to cut at, and building it costs one
 //! `serde_json` call instead of nine bound values per row. PostgreSQL takes one array per column
-//! in its binary format (`UNNEST`), cut by size. MySQL gets multi-row `INSERT`s cut at [`Backend::params_per_statement`].
+//! in its binary format (`UNNEST`): eight parameters whatever the row count, so a batch is one
+//! statement. MySQL gets multi-row `INSERT`s cut at its bind limit ([`Backend::bind_limit`]).
 //!
 //! A batch that is one statement runs as that statement alone, which the database commits
 //! atomically; anything larger or mixed runs in one explicit transaction.
@@ -166,7 +167,7 @@ pub async fn apply_batch(
     let insert_statements = insert_statements(backend, &inserts)?;
     let mut fenced_statements: Vec<(Statement, usize)> = Vec::new();
     for (&(event, generation), rows) in &fenced {
-        fenced_statements.extend(super::fenced::fenced_insert_statements(
+        fenced_statements.push(super::fenced::fenced_insert_statement(
             crate::domain::EventId::from_db(event),
             generation,
             rows,
@@ -208,7 +209,7 @@ pub async fn apply_batch(
     }
     for (status, ids) in status_changes {
         // Two parameters go to the SET clause.
-        for chunk in ids.chunks(backend.params_per_statement() - 2) {
+        for chunk in ids.chunks(backend.bind_limit() - 2) {
             reservations::Entity::update_many()
                 .col_expr(reservations::Column::Status, Expr::value(status.as_str()))
                 .col_expr(reservations::Column::UpdatedAt, Expr::value(now))
@@ -267,26 +268,22 @@ fn insert_statements(backend: Backend, rows: &[&Reservation]) -> anyhow::Result<
                 "INSERT INTO reservations ({RESERVATION_COLUMN_NAMES}) {}",
                 postgres_unnest(1)
             );
-            super::statement_runs(rows, usize::MAX, row_bytes)
-                .map(|chunk| {
-                    Ok(Statement::from_sql_and_values(
-                        db_backend,
-                        sql.clone(),
-                        postgres_arrays(chunk)?,
-                    ))
-                })
-                .collect::<anyhow::Result<_>>()?
+            // Eight parameters whatever the row count: no bind limit to cut at.
+            vec![Statement::from_sql_and_values(
+                db_backend,
+                sql,
+                postgres_arrays(rows)?,
+            )]
         }
-        Backend::MySql => super::statement_runs(
-            rows,
-            backend.params_per_statement() / RESERVATION_COLUMNS,
-            row_bytes,
-        )
-        .map(|chunk| {
-            reservations::Entity::insert_many(chunk.iter().map(|r| reservation_to_row(r).into_active_model()))
+        Backend::MySql => rows
+            .chunks(backend.bind_limit() / RESERVATION_COLUMNS)
+            .map(|chunk| {
+                reservations::Entity::insert_many(
+                    chunk.iter().map(|r| reservation_to_row(r).into_active_model()),
+                )
                 .build(db_backend)
-        })
-        .collect(),
+            })
+            .collect(),
     })
 }
 
@@ -301,18 +298,6 @@ fn json_array(rows: &[&Reservation]) -> anyhow::Result<String> {
     }
     json.push(b']');
     String::from_utf8(json).context("serde_json wrote invalid UTF-8")
-}
-
-/// What one reservation row's nine parameters take on the wire besides the user id and
-/// idempotency key: a 4-byte length and a 2-byte format code each, a 16-byte id, three
-/// timestamps, two integers and the status.
-const ROW_FIXED_BYTES: usize = 104;
-
-/// The bind-parameter bytes of one reservation row in a multi-row `INSERT` (MySQL), for
-/// [`super::statement_runs`]; also an upper bound on what a row adds to PostgreSQL's arrays
-/// (a 4-byte length per element, and no format codes).
-pub(super) fn row_bytes(r: &&Reservation) -> usize {
-    ROW_FIXED_BYTES + r.user_id.as_str().len() + r.idempotency_key.as_ref().map_or(0, |k| k.as_str().len())
 }
 
 /// One reservation as a JSON array, serialized straight from the reservation: id (32 hex
@@ -352,7 +337,6 @@ fn timestamp(at: DateTime<Utc>) -> String {
 mod tests {
     use super::*;
     use crate::domain::{EventId, UserId};
-    use crate::store::{STATEMENT_BYTES, statement_runs};
 
     #[test]
     fn a_json_row_has_the_columns_sqlite_unpacks_in_order() -> anyhow::Result<()> {
@@ -433,33 +417,29 @@ mod tests {
     }
 
     #[test]
-    fn statements_are_cut_by_row_count_for_short_ids_and_by_bytes_for_long_ones() -> anyhow::Result<()> {
-        let short: Vec<Reservation> = (0..300)
-            .map(|i| reservation(&format!("u-{i}"), None))
-            .collect::<anyhow::Result<_>>()?;
-        let short: Vec<&Reservation> = short.iter().collect();
-        let runs: Vec<usize> = statement_runs(&short, 113, row_bytes).map(<[_]>::len).collect();
-        assert_eq!(runs, vec![113, 113, 74]);
-
+    fn a_batch_is_one_statement_except_where_mysql_reaches_its_bind_limit() -> anyhow::Result<()> {
         let (user, key) = ("u".repeat(128), "k".repeat(255));
-        let long: Vec<Reservation> = (0..300)
+        let rows: Vec<Reservation> = (0..10_000)
             .map(|_| reservation(&user, Some(&key)))
             .collect::<anyhow::Result<_>>()?;
-        let long: Vec<&Reservation> = long.iter().collect();
-        let runs: Vec<&[&Reservation]> = statement_runs(&long, 113, row_bytes).collect();
-        let per_row = ROW_FIXED_BYTES + 128 + 255;
-        assert!(
-            runs.iter().all(|run| run.len() * per_row <= STATEMENT_BYTES),
-            "{}",
-            runs.len()
-        );
-        assert_eq!(runs[0].len(), STATEMENT_BYTES / per_row);
-        let ids: Vec<_> = runs.iter().flat_map(|run| run.iter().map(|r| r.id)).collect();
+        let rows: Vec<&Reservation> = rows.iter().collect();
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let statements = insert_statements(backend, &rows)?;
+            assert_eq!(statements.len(), 1, "{backend:?}");
+        }
+        let per_statement = Backend::MySql.bind_limit() / RESERVATION_COLUMNS;
+        let params: Vec<usize> = insert_statements(Backend::MySql, &rows)?
+            .iter()
+            .map(|s| s.values.as_ref().map_or(0, |v| v.0.len()))
+            .collect();
         assert_eq!(
-            ids,
-            long.iter().map(|r| r.id).collect::<Vec<_>>(),
-            "every row once, in order"
+            params,
+            [
+                per_statement * RESERVATION_COLUMNS,
+                (10_000 - per_statement) * RESERVATION_COLUMNS
+            ]
         );
+        assert!(params.iter().all(|&n| n <= Backend::MySql.bind_limit()));
         Ok(())
     }
 }

@@ -46,56 +46,6 @@ impl Backend {
             Self::Postgres | Self::MySql => 65_535,
         }
     }
-
-    /// The most bind parameters we put in one statement: the driver's limit, and for a server
-    /// over TCP also few enough that the statement leaves in one write.
-    ///
-    /// why: sqlx 0.9.0 does not set `TCP_NODELAY` (transact-rs/sqlx#4335, fixed upstream but not
-    /// released). A statement sent in more than one write (over TLS, each record holds at most
-    /// 16 KiB; in plain TCP, one segment holds 64 KiB on loopback) has its last write held back
-    /// until the server's delayed ACK, about 40 ms. Measured on PostgreSQL with TLS: batches of
-    /// 172+ rows took 46 or 92 ms instead of 2–8 ms, and a 20 KiB statement held every commit
-    /// at 13 ms. At about 100 bytes per row of nine parameters, 1,024 parameters keep a
-    /// statement near 11 KiB; rows with long ids are also cut by size (`batch::statement_runs`).
-    pub fn params_per_statement(self) -> usize {
-        match self {
-            Self::Sqlite => self.bind_limit(),
-            Self::Postgres | Self::MySql => 1_024,
-        }
-    }
-}
-
-/// Most bytes of bind parameters we put in one PostgreSQL or MySQL statement.
-///
-/// why: the same delayed-ACK stall as in [`Backend::params_per_statement`], by size rather than
-/// count. User ids may hold 128 characters and idempotency keys 255, so 1,024 parameters of
-/// those make a 40 KiB statement. 14 KiB leaves room in one 16 KiB TLS record for the rest of the
-/// message; 113 reservation rows of short ids stay under it, so for those the count decides.
-/// Measured with 110-character user ids (`bench/long_ids.sh`): 2,662 → 30,710 reservations/s.
-pub const STATEMENT_BYTES: usize = 14 * 1024;
-
-/// `items` cut into runs of at most `max_items` whose `bytes` add up to at most
-/// [`STATEMENT_BYTES`] (at least one item each): the rows of one statement each.
-pub fn statement_runs<'a, T>(
-    items: &'a [T],
-    max_items: usize,
-    bytes: impl Fn(&T) -> usize + 'a,
-) -> impl Iterator<Item = &'a [T]> + 'a {
-    let mut rest = items;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let (mut n, mut total) = (0, 0);
-        while n < rest.len() && n < max_items.max(1) && (n == 0 || total + bytes(&rest[n]) <= STATEMENT_BYTES)
-        {
-            total += bytes(&rest[n]);
-            n += 1;
-        }
-        let (run, tail) = rest.split_at(n);
-        rest = tail;
-        Some(run)
-    })
 }
 
 /// How long a connection attempt or a wait for a pooled connection may take before the request

@@ -3,7 +3,7 @@
 //! With several nodes the Redis ledger decides, and these statements keep the record exact
 //! whatever a node or Redis does:
 //! - a node's insert lands only if the ledger generation it allocated under is still the
-//!   event's current one ([`fenced_insert_statements`]), so an allocation made against a lost
+//!   event's current one ([`fenced_insert_statement`]), so an allocation made against a lost
 //!   ledger can never commit after the ledger was rebuilt;
 //! - status changes are conditional (`WHERE status = …`), so when nodes race on one reservation
 //!   (a confirm against an expiry, two cancels) exactly one of them changes it;
@@ -34,14 +34,15 @@ fn placeholders(from: usize, count: usize) -> String {
         .join(", ")
 }
 
-/// The statements inserting `rows` of one event, allocated under ledger `generation`, each with
-/// its row count; each must insert all its rows (the caller checks), or the generation has moved
-/// on. The rows travel as arrays, as in the persister's unfenced insert.
-pub fn fenced_insert_statements(
+/// The statement inserting `rows` of one event, allocated under ledger `generation`, with its
+/// row count; it must insert all its rows (the caller checks), or the generation has moved on.
+/// The rows travel as arrays, as in the persister's unfenced insert: one statement whatever the
+/// row count.
+pub fn fenced_insert_statement(
     event: EventId,
     generation: i64,
     rows: &[&Reservation],
-) -> anyhow::Result<Vec<(Statement, usize)>> {
+) -> anyhow::Result<(Statement, usize)> {
     // why FOR SHARE: a ledger rebuild bumps the generation with an UPDATE of this row, which
     // waits for every insert holding the share lock and makes later ones see the new
     // generation; so no insert from the old generation lands after the rebuild read.
@@ -50,16 +51,12 @@ pub fn fenced_insert_statements(
          INSERT INTO reservations ({RETURNING}) {} WHERE EXISTS (SELECT 1 FROM fence)",
         super::batch::postgres_unnest(3)
     );
-    super::statement_runs(rows, usize::MAX, super::batch::row_bytes)
-        .map(|chunk| {
-            let mut values = vec![event.get().into(), generation.into()];
-            values.extend(super::batch::postgres_arrays(chunk)?);
-            Ok((
-                Statement::from_sql_and_values(DbBackend::Postgres, sql.clone(), values),
-                chunk.len(),
-            ))
-        })
-        .collect()
+    let mut values = vec![event.get().into(), generation.into()];
+    values.extend(super::batch::postgres_arrays(rows)?);
+    Ok((
+        Statement::from_sql_and_values(DbBackend::Postgres, sql, values),
+        rows.len(),
+    ))
 }
 
 /// The event's current ledger generation.

@@ -11,7 +11,7 @@ mod queries;
 mod user_index;
 
 pub use batch::{WriteOp, apply_batch};
-pub use connect::{Backend, STATEMENT_BYTES, connect, migrate, statement_runs};
+pub use connect::{Backend, connect, migrate};
 pub use fenced::{Rebuild, Recorded, Tombstone, ledger_generation, settle, transition};
 pub use held::HeldConnection;
 pub use queries::{
