@@ -178,9 +178,10 @@ pub async fn apply_batch(
         && status_changes.is_empty()
         && event_updates.is_empty()
         && fenced_statements.is_empty()
+        && let [statement] = insert_statements.as_slice()
     {
         return held
-            .run(&insert_statements)
+            .run(statement)
             .await
             .with_context(|| format!("inserting {} reservations", inserts.len()));
     }

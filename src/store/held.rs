@@ -44,8 +44,8 @@ impl HeldConnection {
         }
     }
 
-    /// Runs `statements` atomically: one alone (it commits by itself), several in a transaction.
-    pub async fn run(&self, statements: &[Statement]) -> anyhow::Result<()> {
+    /// Runs `statement`, which commits by itself: a batch of plain inserts is one statement.
+    pub async fn run(&self, statement: &Statement) -> anyhow::Result<()> {
         let mut slot = self.held.lock().await;
         let held = match slot.take() {
             Some(held) if held.last_used.elapsed() < IDLE_BEFORE_PING => Some(held),
@@ -62,31 +62,14 @@ impl HeldConnection {
             },
         };
         // On an error the connection is dropped here: its state is unknown.
-        execute(&mut held.connection, statements).await?;
+        held.connection
+            .execute(query(statement))
+            .await
+            .context("inserting reservations")?;
         held.last_used = Instant::now();
         *slot = Some(held);
         Ok(())
     }
-}
-
-async fn execute(connection: &mut PgConnection, statements: &[Statement]) -> anyhow::Result<()> {
-    if let [statement] = statements {
-        connection
-            .execute(query(statement))
-            .await
-            .context("inserting reservations")?;
-        return Ok(());
-    }
-    let mut txn = connection
-        .begin()
-        .await
-        .context("beginning a batch transaction")?;
-    for statement in statements {
-        txn.execute(query(statement))
-            .await
-            .context("inserting reservations")?;
-    }
-    txn.commit().await.context("committing a batch")
 }
 
 fn query(statement: &Statement) -> sqlx::query::Query<'_, sqlx::Postgres, SqlxValues> {
